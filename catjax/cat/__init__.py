@@ -1,0 +1,1 @@
+"""Compute-as-Teacher: reference synthesis, rewards and answer checking."""

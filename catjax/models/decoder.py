@@ -1,0 +1,336 @@
+"""The decoder: pure functions of `(ModelConfig, params, tokens[, cache])`.
+
+Parameters are a plain pytree; every per-layer array is stacked on a leading layer axis and the
+layers run under `jax.lax.scan`, so a 36-layer model compiles as fast as a 1-layer one. Gemma 3's
+mix of sliding-window and global layers is a per-layer flag scanned alongside the weights.
+
+Shapes in names: b batch, t query positions, s key positions (cache slots), d hidden, n query heads,
+k kv heads, g query heads per kv head, h head_dim, f MLP width, v vocabulary, l layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax.models.config import ModelConfig
+
+Params = dict[str, Any]
+_NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer; slot s holds the token at position s."""
+
+    k_lbskh: jax.Array
+    v_lbskh: jax.Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.k_lbskh.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype: Any = None) -> KVCache:
+    shape = (cfg.num_layers, batch, num_slots, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.jnp_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter tree as shapes. The single source of truth for names and layouts."""
+    d, n, k, h, f, v, nl = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
+    layer: Params = {
+        "attn_norm": (nl, d),
+        "q": (nl, d, n, h), "k": (nl, d, k, h), "v": (nl, d, k, h), "o": (nl, n, h, d),
+        "mlp_norm": (nl, d),
+        "gate": (nl, d, f), "up": (nl, d, f), "down": (nl, f, d),
+    }
+    if cfg.attention_bias:
+        layer.update(q_bias=(nl, n, h), k_bias=(nl, k, h), v_bias=(nl, k, h), o_bias=(nl, d))
+    if cfg.qk_norm:
+        layer.update(q_norm=(nl, h), k_norm=(nl, h))
+    if cfg.sandwich_norms:
+        layer.update(post_attn_norm=(nl, d), post_mlp_norm=(nl, d))
+    tree: Params = {"embed": (v, d), "layers": layer, "final_norm": (d,)}
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = (d, v)
+    return tree
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """Logical axis names of every parameter (mapped to mesh axes by `catjax.parallel`)."""
+    names = {
+        "embed": ("vocab", "embed"), "final_norm": ("norm",), "lm_head": ("embed", "vocab"),
+        "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+        "post_attn_norm": ("layers", "norm"), "post_mlp_norm": ("layers", "norm"),
+        "q": ("layers", "embed", "heads", "head_dim"), "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"), "o": ("layers", "heads", "head_dim", "embed"),
+        "q_bias": ("layers", "heads", "head_dim"), "k_bias": ("layers", "kv_heads", "head_dim"),
+        "v_bias": ("layers", "kv_heads", "head_dim"), "o_bias": ("layers", "embed"),
+        "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
+        "gate": ("layers", "embed", "mlp"), "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    shapes = param_shapes(cfg)
+    out: Params = {key: names[key] for key in shapes if key != "layers"}
+    out["layers"] = {key: names[key] for key in shapes["layers"]}
+    return out
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm")
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal, std 0.02; norms at identity), in `cfg.dtype`."""
+    shapes = param_shapes(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    leaves, treedef = flat
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for key, (path, shape) in zip(keys, leaves, strict=True):
+        name = path[-1].key
+        if _is_norm(name):
+            # Gemma stores w in x * (1 + w): identity is 0.
+            fill = 0.0 if cfg.norm_style == "gemma" else 1.0
+            out.append(jnp.full(shape, fill, cfg.jnp_dtype))
+        elif name.endswith("bias"):
+            out.append(jnp.zeros(shape, cfg.jnp_dtype))
+        else:
+            out.append((0.02 * jax.random.normal(key, shape, jnp.float32)).astype(cfg.jnp_dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` tree: for compiling without materialising weights."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, cfg.jnp_dtype), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+def rms_norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """RMSNorm in float32. Gemma scales by (1 + w) in float32; Llama casts back before * w."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_style == "gemma":
+        return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w * normed.astype(x.dtype)
+
+
+def _rope(x_bthh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split layout (the Hugging Face convention), in float32."""
+    x = x_bthh.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthh.dtype)
+
+
+def _rope_tables(cfg: ModelConfig, positions_bt: jax.Array):
+    """cos/sin [B, T, head_dim/2] for the global and the local (sliding-layer) RoPE."""
+    def table(rope):
+        inv = jnp.asarray(rope.inv_freq(cfg.head_dim), jnp.float32)
+        ang = positions_bt.astype(jnp.float32)[..., None] * inv
+        return jnp.cos(ang), jnp.sin(ang)
+
+    glob = table(cfg.rope)
+    local = table(cfg.rope_local) if cfg.rope_local is not None else glob
+    return glob, local
+
+
+def _attention_mask(cfg: ModelConfig, q_pos_bt, k_pos_bs, k_valid_bs, sliding) -> jax.Array:
+    """[B, T, S] bool: causal by position, valid keys, and the window on sliding layers."""
+    diff = q_pos_bt[:, :, None] - k_pos_bs[:, None, :]
+    mask = (diff >= 0) & k_valid_bs[:, None, :]
+    if cfg.sliding_window:
+        mask &= jnp.logical_not(sliding) | (diff < cfg.sliding_window)
+    return mask
+
+
+def _attend(cfg: ModelConfig, q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
+    """Grouped-query attention; scores and softmax in float32."""
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                        preferred_element_type=jnp.float32) * cfg.attn_scale
+    if cfg.attn_logit_softcap:
+        scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
+def _mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array) -> jax.Array:
+    gate = jnp.einsum("btd,df->btf", x_btd, p["gate"])
+    up = jnp.einsum("btd,df->btf", x_btd, p["up"])
+    if cfg.activation == "gelu_tanh":
+        act = jax.nn.gelu(gate, approximate=True)
+    else:
+        act = jax.nn.silu(gate)
+    return jnp.einsum("btf,fd->btd", act * up, p["down"])
+
+
+def _qkv(cfg: ModelConfig, p: Params, x_btd, rope_cs):
+    q = jnp.einsum("btd,dnh->btnh", x_btd, p["q"])
+    k = jnp.einsum("btd,dkh->btkh", x_btd, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", x_btd, p["v"])
+    if cfg.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if cfg.qk_norm:
+        q, k = rms_norm(cfg, q, p["q_norm"]), rms_norm(cfg, k, p["k_norm"])
+    cos, sin = rope_cs
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _layer(cfg: ModelConfig, p: Params, x_btd, rope_cs, attend_fn):
+    """One pre-norm transformer layer; `attend_fn(q, k, v) -> out` hides cache handling."""
+    h = rms_norm(cfg, x_btd, p["attn_norm"])
+    q, k, v = _qkv(cfg, p, h, rope_cs)
+    attn = jnp.einsum("btnh,nhd->btd", attend_fn(q, k, v), p["o"])
+    if cfg.attention_bias:
+        attn = attn + p["o_bias"]
+    if cfg.sandwich_norms:
+        attn = rms_norm(cfg, attn, p["post_attn_norm"])
+    x_btd = x_btd + attn
+    h = _mlp(cfg, p, rms_norm(cfg, x_btd, p["mlp_norm"]))
+    if cfg.sandwich_norms:
+        h = rms_norm(cfg, h, p["post_mlp_norm"])
+    return x_btd + h
+
+
+def embed(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
+    x = jnp.take(params["embed"], tokens_bt, axis=0).astype(cfg.jnp_dtype)
+    if cfg.embed_scale:
+        # Hugging Face rounds the scale to the weights' dtype first; so do we.
+        x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.jnp_dtype)
+    return x
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
+    """Final norm and output head; float32 logits [B, T, V]."""
+    x_btd = rms_norm(cfg, x_btd, params["final_norm"])
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("btd,vd->btv", x_btd, params["embed"],
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x_btd, params["lm_head"],
+                            preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
+
+
+def _maybe_remat(cfg: ModelConfig, fn):
+    return jax.checkpoint(fn, prevent_cse=False) if cfg.remat else fn
+
+
+# --- full passes -----------------------------------------------------------------------------
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
+                  positions_bt: jax.Array | None = None,
+                  mask_bt: jax.Array | None = None) -> jax.Array:
+    """Last hidden states [B, T, D] of a causal pass (before the final norm)."""
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if mask_bt is None:
+        mask_bt = jnp.ones((b, t), bool)
+    rope_g, rope_l = _rope_tables(cfg, positions_bt)
+    masks = (_attention_mask(cfg, positions_bt, positions_bt, mask_bt, False),
+             _attention_mask(cfg, positions_bt, positions_bt, mask_bt, True))
+
+    def body(x, xs):
+        p, sliding = xs
+        rope_cs = jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
+        mask = jnp.where(sliding, masks[1], masks[0])
+        return _layer(cfg, p, x, rope_cs, lambda q, k, v: _attend(cfg, q, k, v, mask)), None
+
+    x = embed(cfg, params, tokens_bt)
+    x, _ = jax.lax.scan(_maybe_remat(cfg, body), x,
+                        (params["layers"], jnp.asarray(cfg.layer_is_sliding())))
+    return x
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
+            positions_bt: jax.Array | None = None, mask_bt: jax.Array | None = None) -> jax.Array:
+    """Causal pass: tokens [B, T] int32 -> float32 logits [B, T, V].
+
+    `positions_bt` (RoPE positions, default 0..T-1) and `mask_bt` (False marks padding keys) let
+    one batch hold sequences with gaps, e.g. a right-padded prompt followed by its completion.
+    """
+    x = hidden_states(cfg, params, tokens_bt, positions_bt=positions_bt, mask_bt=mask_bt)
+    return logits_from_hidden(cfg, params, x)
+
+
+def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
+                  positions_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Write the keys/values of `tokens_bt` at slots `positions_bt` and attend over the cache.
+
+    Slot s of a row holds the token at position s, so causality is `slot <= position` and stale
+    slots beyond a row's current position (prompt padding) are never seen. Only the new entries
+    are written (in place inside a loop or under donation): the cache is never copied. Returns
+    the last hidden states [B, T, D] (before the final norm) and the updated cache.
+    """
+    b, _ = tokens_bt.shape
+    s = cache.num_slots
+    rope_g, rope_l = _rope_tables(cfg, positions_bt)
+    slot_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    all_valid = jnp.ones((b, s), bool)
+    masks = (_attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, False),
+             _attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, True))
+    rows_b1 = jnp.arange(b)[:, None]
+
+    def body(carry, xs):
+        x, ck, cv = carry
+        p, sliding, i = xs
+        rope_cs = jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
+        mask = jnp.where(sliding, masks[1], masks[0])
+        new = {}
+
+        def attend(q, k, v):
+            new["k"] = ck.at[i, rows_b1, positions_bt].set(k.astype(ck.dtype), mode="drop")
+            new["v"] = cv.at[i, rows_b1, positions_bt].set(v.astype(cv.dtype), mode="drop")
+            k_all, v_all = new["k"][i].astype(q.dtype), new["v"][i].astype(q.dtype)
+            return _attend(cfg, q, k_all, v_all, mask)
+
+        x = _layer(cfg, p, x, rope_cs, attend)
+        return (x, new["k"], new["v"]), None
+
+    x = embed(cfg, params, tokens_bt)
+    xs = (params["layers"], jnp.asarray(cfg.layer_is_sliding()), jnp.arange(cfg.num_layers))
+    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k_lbskh, cache.v_lbskh), xs)
+    return x, KVCache(ck, cv)
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
+                   positions_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """`hidden_cached` followed by the output head: float32 logits [B, T, V] and the cache."""
+    x, cache = hidden_cached(cfg, params, tokens_bt, positions_bt, cache)
+    return logits_from_hidden(cfg, params, x), cache
+
+
+def num_flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """Forward FLOPs per token: 2 per weight use plus attention over `context` keys."""
+    # The embedding lookup is no matmul; a tied table is used again as the output head.
+    matmul_params = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+    return 2.0 * matmul_params + attn
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def param_count(params: Params) -> int:
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))

@@ -1,0 +1,91 @@
+"""Weights in and out: export round trip, GGUF (SmolLM2), sharded checkpoints, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from catjax import models
+from catjax.models import safetensors_io
+from tests.hf_fixtures import hf_logits, make_hf_model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_save_pretrained_round_trip(tmp_path, family):
+    make_hf_model(family, str(tmp_path / "src"))
+    cfg, params = models.from_pretrained(str(tmp_path / "src"))
+    models.save_pretrained(cfg, params, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out"), attn_implementation="eager", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 50))
+    ours = np.asarray(models.forward(cfg, params, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_array_less(np.abs(hf_logits(reloaded, tokens) - ours).max(), 1e-5)
+    cfg2, params2 = models.from_pretrained(str(tmp_path / "out"))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_sharded_checkpoint_and_bfloat16(tmp_path):
+    cfg = models.get_preset("tiny_llama")
+    params = models.init_params(cfg, jax.random.key(0))
+    from catjax.models import hf
+
+    hf.save_hf_dir(cfg, params, str(tmp_path), dtype="bfloat16", max_shard_bytes=40_000)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    cfg2, params2 = models.from_pretrained(str(tmp_path))
+    assert cfg2.dtype == "bfloat16" and params2["embed"].dtype == jnp.bfloat16
+    want = jax.tree.map(lambda a: np.asarray(a.astype(jnp.bfloat16)), params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params2), want)
+    _, params3 = models.from_pretrained(str(tmp_path), dtype=jnp.float32)
+    assert params3["embed"].dtype == jnp.float32
+
+
+def test_bad_inputs_name_the_field_or_tensor(tmp_path):
+    make_hf_model("qwen3", str(tmp_path))
+    cfg_path = tmp_path / "config.json"
+    hf_cfg = json.loads(cfg_path.read_text())
+
+    cfg_path.write_text(json.dumps({**hf_cfg, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
+        models.from_pretrained(str(tmp_path))
+
+    cfg_path.write_text(json.dumps({**hf_cfg, "hidden_size": 80}))
+    with pytest.raises(ValueError, match="embed_tokens.weight' has shape"):
+        models.from_pretrained(str(tmp_path))
+
+    cfg_path.write_text(json.dumps({**hf_cfg, "num_hidden_layers": 4}))
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.3"):
+        models.from_pretrained(str(tmp_path))
+
+    bad = {k: v for k, v in hf_cfg.items() if k != "vocab_size"}
+    cfg_path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="missing field 'vocab_size'"):
+        models.from_pretrained(str(tmp_path))
+
+    cfg_path.write_text(json.dumps(hf_cfg))
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated safetensors file"):
+        models.from_pretrained(str(tmp_path))
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        models.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_safetensors_writer_reads_in_the_reference_library(tmp_path):
+    import ml_dtypes
+    from safetensors.torch import load_file
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "b": np.ones((3,), ml_dtypes.bfloat16)}
+    safetensors_io.save_file(arrays, str(tmp_path / "x.safetensors"))
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    np.testing.assert_array_equal(loaded["a"].numpy(), arrays["a"])
+    assert loaded["b"].dtype == torch.bfloat16 and loaded["b"].float().sum() == 3
