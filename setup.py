@@ -35,6 +35,7 @@ setup(
                 "in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["catjax", "catjax.*"]),
+    package_data={"catjax": ["data_files/README.md", "data_files/*/*.jsonl", "data_files/*/LICENSE*"]},
     install_requires=CORE,
     extras_require={
         "test": [

@@ -33,7 +33,8 @@ from catjax.models.decoder import (
 
 __all__ = [
     "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "abstract_params", "embed",
-    "forward", "forward_cached", "from_pretrained", "get_preset", "hidden_cached", "hidden_states", "init_cache",
+    "forward", "forward_cached", "from_pretrained", "get_preset", "hidden_cached", "hidden_states",
+    "init_cache",
     "init_params", "logical_axes", "logits_from_hidden", "num_flops_per_token", "param_count",
     "param_shapes", "save_pretrained",
 ]

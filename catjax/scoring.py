@@ -1,0 +1,78 @@
+"""Teacher-forced scoring: log-probs of given continuations, and next-token logits of prompts.
+
+Used by the selection baselines (mutual predictability), the local judge (yes vs no in one
+forward pass) and, later, the policy-gradient loss. Log-probs are float32; the vocabulary-sized
+logits are only formed at the positions that are scored.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax import models
+from catjax.models import ModelConfig, Params
+from catjax.sampling import bucket_length
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _last_logits(cfg: ModelConfig, params: Params, tokens_bt, lengths_b):
+    hidden = models.hidden_states(cfg, params, tokens_bt)
+    last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
+    return models.logits_from_hidden(cfg, params, last)[:, 0]
+
+
+def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
+                      pad_id: int = 0, batch_size: int = 16) -> np.ndarray:
+    """float32 logits [B, V] of the token that would follow each prompt."""
+    out = []
+    rows = _batch_rows(len(prompts), batch_size)
+    for start in range(0, len(prompts), rows):
+        chunk = list(prompts[start:start + rows])
+        toks = _pad(chunk, rows, bucket_length(max(len(p) for p in chunk)), pad_id)
+        lens = np.asarray([len(p) for p in chunk] + [1] * (rows - len(chunk)), np.int32)
+        logits = _last_logits(cfg, params, jnp.asarray(toks), jnp.asarray(lens))
+        out.append(np.asarray(logits)[:len(chunk)])
+    return np.concatenate(out, 0)
+
+
+def _batch_rows(n: int, batch_size: int) -> int:
+    """Rows per forward pass: a power of two up to batch_size, so few shapes compile."""
+    return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad(seqs: Sequence[Sequence[int]], rows: int, width: int, pad_id: int) -> np.ndarray:
+    toks = np.full((rows, width), pad_id, np.int32)
+    for i, s in enumerate(seqs):
+        toks[i, :len(s)] = s
+    return toks
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def token_logprobs(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
+                   targets_bt: jax.Array) -> jax.Array:
+    """log p(targets_bt[:, t] | tokens_bt[:, :t+1]) in float32, [B, T]."""
+    logits = models.forward(cfg, params, tokens_bt)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+
+
+def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], pad_id: int = 0,
+                          batch_size: int = 8) -> list[np.ndarray]:
+    """Per-token log-probs of each continuation given its prompt (teacher forcing)."""
+    results: list[np.ndarray] = []
+    rows = _batch_rows(len(prompts), batch_size)
+    for start in range(0, len(prompts), rows):
+        ps, cs = prompts[start:start + rows], continuations[start:start + rows]
+        seqs = [list(p) + list(c) for p, c in zip(ps, cs, strict=True)]
+        toks = _pad(seqs, rows, bucket_length(max(len(s) for s in seqs) + 1), pad_id)
+        targets = np.concatenate([toks[:, 1:], np.full((rows, 1), pad_id, np.int32)], 1)
+        lp = np.asarray(token_logprobs(cfg, params, jnp.asarray(toks), jnp.asarray(targets)))
+        for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
+            results.append(lp[i, len(p) - 1:len(p) - 1 + len(c)])
+    return results

@@ -1,0 +1,48 @@
+"""Shared pieces of the config files: argument parsing, model sampling defaults, eval base."""
+
+import ml_collections
+
+# The paper's sampling settings per model family (Gemma 3, Qwen 3, Llama 3.1).
+SAMPLING = {
+    "gemma3_4b": dict(temperature=1.0, top_k=64, top_p=0.95),
+    "qwen3_4b": dict(temperature=0.7, top_k=20, top_p=0.8),
+    "llama31_8b": dict(temperature=0.7, top_k=50, top_p=0.9),
+    "smollm2": dict(temperature=0.7, top_k=50, top_p=0.9),
+}
+
+
+def parse_arg(arg: str, **defaults):
+    """`key=value,key2=value2` -> dict, typed like the defaults; unknown keys are an error."""
+    out = dict(defaults)
+    for item in filter(None, (a.strip() for a in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes", "")) if kind is bool else kind(value)
+    return out
+
+
+def round_section(model: str, g: int) -> ml_collections.ConfigDict:
+    s = SAMPLING.get(model, SAMPLING["smollm2"])
+    return ml_collections.ConfigDict(dict(
+        task="math", num_rollouts=g, max_new_tokens=1536, synthesis_max_new_tokens=1536,
+        anchor_temperature=0.0, reward_mode="exact", extract_modes=("boxed",),
+        rubric_min_items=5, rubric_retries=2, length_penalty_tokens=0,
+        chat_kwargs={"no_think": True} if model.startswith("qwen3") else {}, **s))
+
+
+def eval_base(args) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.job = "evaluate"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(init=args["model"], tokenizer="", dtype="",
+                                             chat_format=""))
+    c.data = ml_collections.ConfigDict(dict(name="math500", split="test", path="",
+                                            limit=args["n"]))
+    c.round = round_section(args["model"], args["g"])
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=4, g_values=(1, 2, 4, 8),
+        baselines=("majority", "min_ppl", "self_select", "mutual"), gold_compare="equivalent"))
+    c.judge = ml_collections.ConfigDict(dict(kind="local", init="", base_url="", model=""))
+    return c
