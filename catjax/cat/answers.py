@@ -7,8 +7,9 @@ Everything here takes untrusted model text. Rules of the house:
   in a separate, killable worker process (`catjax.cat.verify_worker`);
 * every check is bounded: a wall-clock limit per symbolic call, input-size limits before that.
 
-Public API: `extract_boxed`, `EXTRACTORS`, `extract_answer`, `normalize`, `equivalent`,
-`verifiable_reward`, `majority_vote`, `stats`, `reset_stats`, `worker_pid`, `shutdown`.
+Public API: `extract_boxed`, `EXTRACTORS` (+ the `extract_*` functions), `extract_answer`,
+`normalize`, `parse_number`, `looks_explosive`, `equivalent`, `verifiable_reward`,
+`majority_vote`, `stats`, `reset_stats`, `worker_pid`, `shutdown`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import multiprocessing as mp
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from multiprocessing.connection import Connection
 from typing import Literal
 
 from catjax.cat import verify_worker
@@ -79,7 +84,7 @@ def extract_boxed(text: str | None) -> str | None:
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(
     r"(?:\bthe\s+(?:final\s+)?answer\s+is\b|\bfinal\s+answer\s*(?:is\b|:)|\banswer\s*:)"
-    r"[ \t]*:?[ \t]*\**[ \t]*([^\n]*)",
+    r"[ \t]*:?[ \t]*\**[ \t]*",
     re.IGNORECASE,
 )
 _MAX_PHRASE_ANSWER = 300  # "the answer is ..." tails longer than this are prose, not answers
@@ -122,8 +127,12 @@ def _trim_phrase_answer(tail: str) -> str | None:
 
 def extract_answer_is(text: str | None) -> str | None:
     """The last "the answer is X" / "final answer: X" / "Answer: X" phrase."""
-    m = _last_match(_ANSWER_IS_RE, text or "")
-    return _trim_phrase_answer(m.group(1)) if m else None
+    text = text or ""
+    m = _last_match(_ANSWER_IS_RE, text)  # phrase only, so "Final Answer: The answer is" works
+    if m is None:
+        return None
+    end = text.find("\n", m.end())
+    return _trim_phrase_answer(text[m.end() : end if end >= 0 else len(text)])
 
 
 def extract_last_number(text: str | None) -> str | None:
@@ -190,6 +199,7 @@ _UNIT_WORDS = (
     r"|cents?|dollars?|seconds?|sec|s|minutes?|min|hours?|hrs?|days?|weeks?|years?|grams?|g"
     r"|kg|kilograms?|pounds?|lbs?|ounces?|oz|liters?|litres?|ml|mph|calories)"
 )
+_UNIT_TAIL = 80  # longest trailing unit phrase we look at, in characters
 _POWER_SUFFIX = r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
 # Units in a \text-like box right after a number: `5.4 \text{ cents}`, `15\mbox{ cm}^2`,
 # `\frac{270}7\text{ degrees}`. Only trailing, and only after a digit or a closing brace.
@@ -257,7 +267,10 @@ def _apply_aliases(s: str) -> str:
 
 
 def _drop_units(s: str, pattern: re.Pattern[str]) -> str:
-    out = pattern.sub("", s)
+    # Units are trailing, so only the tail is searched (a whole-string search would try the
+    # unit alternatives after every digit).
+    head, tail = s[:-_UNIT_TAIL], s[-_UNIT_TAIL:]
+    out = head + pattern.sub("", tail)
     return out if out.strip() else s  # never reduce an answer to nothing
 
 
@@ -313,6 +326,11 @@ def _canonical_decimals(s: str) -> str:
     return _TRAILING_ZEROS_RE.sub(repl, s)
 
 
+# Longer "answers" are not answers (a runaway generation, an attack): they normalise to "", so
+# they never match, never win a vote, and cost O(1) here.
+MAX_ANSWER_CHARS = 10_000
+
+
 def normalize(ans: str | None) -> str:
     """Canonical string form of an answer, for exact matching and grouping.
 
@@ -321,9 +339,9 @@ def normalize(ans: str | None) -> str:
     degree signs, percent signs, units after a number, `\\text{}`-style wrappers, `(C)` ->
     `C`, leading `x =` / `x \\in`, whitespace, `\\frac12`/`\\sqrt2` braces, thousands
     separators, a trailing period, and decimal spelling (`.5`, `2.50`, `5.0`).
-    Linear-time regexes only, so megabyte inputs are fine. None -> "".
+    Linear-time regexes only. None, "" and answers over `MAX_ANSWER_CHARS` -> "".
     """
-    if not ans:
+    if not ans or len(ans) > MAX_ANSWER_CHARS:
         return ""
     s = _strip_controls(ans)
     s = _drop_delimiters_and_spacing(s)
@@ -399,7 +417,7 @@ _STARTUP_TIMEOUT_S = 120.0  # first start imports sympy + math-verify (seconds, 
 # wall-clock limit catches whatever slips through; these just avoid paying for it.
 _EXPLOSIVE_RES = (
     re.compile(r"\^\s*(?:\d+|[A-Za-z])\s*\^"),  # towers written flat: 9^9^9
-    re.compile(r"\^\s*\{[^{}]*\^\s*\{?\s*\d{2,}"),  # nested numeric exponents: 10^{10^{10}}
+    re.compile(r"\^\s*\{\s*\(?\s*[\d.]+\s*\)?\s*\^"),  # numeric exponent towers: 9^{9^{9}}
     re.compile(r"\^\s*\{?\s*[-+]?\s*\d{5,}"),  # exponents with 5+ digits: 2^{123456}
     re.compile(r"!\s*!\s*!"),  # stacked factorials
 )
@@ -407,13 +425,44 @@ _COMBINATORIAL_RE = re.compile(r"!|\\Gamma(?![A-Za-z])|\\binom|\\choose|\\dbinom
 _BIG_LITERAL_RE = re.compile(r"\d{4,}|\^", re.ASCII)
 
 
+# math-verify's parse time grows exponentially with bracket nesting (measured: ~0.5 s at
+# depth 7, ~1.3 s at depth 10 for plain parentheses); MATH-500 golds never exceed depth 2.
+MAX_SYMBOLIC_NESTING = 6
+_BRACKET_TOKEN_RE = re.compile(r"\\.|[{}()\[\]]", re.DOTALL)
+
+
+def _well_nested(s: str, max_depth: int = MAX_SYMBOLIC_NESTING) -> bool:
+    """Braces balance (escaped ones aside) and no bracket nesting deeper than ``max_depth``.
+
+    Parentheses and square brackets may mismatch each other (intervals like ``(3, 4]``).
+    """
+    depth = braces = 0
+    for m in _BRACKET_TOKEN_RE.finditer(s):
+        tok = m.group()
+        if tok in "{([":
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif tok in "})]":
+            depth = max(depth - 1, 0)
+        braces += (tok == "{") - (tok == "}")
+        if braces < 0:
+            return False
+    return braces == 0
+
+
 def looks_explosive(s: str) -> bool:
-    """True for exponent towers, huge exponents, and factorial-like functions of big inputs."""
-    if any(p.search(s) for p in _EXPLOSIVE_RES):
+    """True for exponent towers, huge exponents, factorial-like functions of big inputs, and
+    malformed or deeply nested brackets (slow to parse)."""
+    if any(p.search(s) for p in _EXPLOSIVE_RES) or not _well_nested(s):
         return True
     # n! / Gamma / binomials are fine for small literals; with 1000+ or any power, refuse.
     return bool(_COMBINATORIAL_RE.search(s) and _BIG_LITERAL_RE.search(s))
 
+
+# Numbers in another base (`52_8`): math-verify drops the subscript and would equate 52_8
+# with 52, so such answers are only ever matched as strings.
+_BASE_SUBSCRIPT_RE = re.compile(r"\d_\{?\d+\}?", re.ASCII)
 
 _STAT_KEYS = (
     "calls",  # equivalent() calls
@@ -422,7 +471,8 @@ _STAT_KEYS = (
     "symbolic_calls",  # requests that reached the worker
     "symbolic_true",
     "skipped_too_long",  # symbolic step skipped: > SYMBOLIC_MAX_LEN chars
-    "skipped_explosive",  # symbolic step skipped: looks_explosive()
+    "skipped_explosive",  # symbolic step skipped: looks_explosive() (towers, deep nesting, ...)
+    "skipped_base",  # symbolic step skipped: a base-n numeral like 52_8
     "timeouts",  # worker killed for overrunning timeout_s
     "crashes",  # worker died while handling a request
     "worker_errors",  # worker raised (parse error, RecursionError, MemoryError, ...)
@@ -456,13 +506,36 @@ class _WorkerFailed(Exception):
     """The worker could not be started or died before answering."""
 
 
+def _launch_worker() -> tuple[subprocess.Popen, Connection]:
+    """Start `verify_worker` in a fresh interpreter, connected by a socketpair.
+
+    A fresh ``python -m`` process rather than ``multiprocessing``'s spawn: spawn re-imports
+    the caller's ``__main__`` in the child, which re-runs any unguarded training script (and
+    imports JAX into the grader). Like spawn, nothing is forked from the (threaded, JAX-holding)
+    parent. The child gets the parent's ``sys.path`` so it imports the same packages.
+    """
+    parent_sock, child_sock = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", verify_worker.__name__, str(child_sock.fileno())],
+            pass_fds=(child_sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    finally:
+        child_sock.close()
+    return proc, Connection(parent_sock.detach())
+
+
 class _SymbolicWorker:
     """One long-lived math-verify process, used under a lock, replaced when it misbehaves."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: mp.process.BaseProcess | None = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
         self._ready = False
         self._started_once = False
         self._next_id = 0
@@ -470,29 +543,24 @@ class _SymbolicWorker:
     # -- lifecycle (all called with self._lock held) --
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # no fork: the parent may hold JAX/TPU state and threads
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        proc = ctx.Process(
-            target=verify_worker.serve, args=(child_end,), name="catjax-answer-grader", daemon=True
-        )
         if self._started_once:
             _STATS.bump("restarts")
         self._started_once = True
-        proc.start()
-        child_end.close()
-        self._proc, self._conn, self._ready = proc, parent_end, False
+        self._proc, self._conn = _launch_worker()
+        self._ready = False
 
     def _kill(self) -> None:
         proc, conn = self._proc, self._conn
         self._proc, self._conn, self._ready = None, None, False
         if proc is not None:
             proc.kill()
-            proc.join(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         if conn is not None:
             conn.close()
 
     def _ensure_ready(self) -> None:
-        if self._proc is not None and not self._proc.is_alive():
+        if self._proc is not None and self._proc.poll() is not None:
             _STATS.bump("crashes")  # died between requests (e.g. killed from outside)
             self._kill()
         if self._proc is None:
@@ -500,16 +568,12 @@ class _SymbolicWorker:
         if self._ready:
             return
         try:
-            ok = self._conn.poll(_STARTUP_TIMEOUT_S)
-            msg = self._conn.recv() if ok else None
+            msg = self._conn.recv() if self._conn.poll(_STARTUP_TIMEOUT_S) else None
         except (EOFError, OSError):
             msg = None
         if not (isinstance(msg, tuple) and msg[:1] == ("ready",)):
             _STATS.bump("start_failures")
-            _log.warning(
-                "answer-grader worker failed to start; symbolic checks return False. With the "
-                "spawn start method the main script needs an `if __name__ == '__main__':` guard."
-            )
+            _log.warning("answer-grader worker failed to start; symbolic checks return False")
             self._kill()
             raise _WorkerFailed("grader worker did not start")
         self._ready = True
@@ -517,11 +581,18 @@ class _SymbolicWorker:
     # -- requests --
 
     def request(self, op: str, a: str, b: str, timeout_s: float) -> bool:
-        """Run one request; False on timeout / crash / error (counted in stats)."""
+        """Run one request; False on timeout / crash / error (counted in stats).
+
+        Waiting for a (re)starting worker to finish its imports is not part of ``timeout_s``.
+        """
         with self._lock:
             try:
                 self._ensure_ready()
-            except (_WorkerFailed, OSError):
+            except _WorkerFailed:
+                return False
+            except OSError:  # could not even launch the interpreter
+                _STATS.bump("start_failures")
+                self._kill()
                 return False
             self._next_id += 1
             req_id = self._next_id
@@ -559,7 +630,8 @@ class _SymbolicWorker:
                 with contextlib.suppress(OSError):
                     self._conn.send(None)
             if self._proc is not None:
-                self._proc.join(timeout=1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=1)
             self._kill()
 
 
@@ -582,8 +654,10 @@ def equivalent(a: str | None, b: str | None, *, timeout_s: float = 2.0) -> bool:
     Three stages, cheapest first: normalised string equality; exact numeric comparison when
     both are plain numbers (integers must match exactly, otherwise relative tolerance 1e-6);
     math-verify in the sandboxed worker, limited to ``timeout_s`` of wall time (on overrun the
-    worker is killed and replaced and the answer is False). ``b`` is passed to math-verify as
-    the gold answer (its comparison is slightly asymmetric). Thread-safe.
+    worker is killed and replaced and the answer is False). The symbolic stage is skipped (->
+    False) for answers over `SYMBOLIC_MAX_LEN` characters, base-n numerals, and anything
+    `looks_explosive`. ``b`` is passed to math-verify as the gold answer (its comparison is
+    slightly asymmetric). Thread-safe; every outcome is counted in `stats`.
     """
     _STATS.bump("calls")
     na, nb = normalize(a), normalize(b)
@@ -596,6 +670,9 @@ def equivalent(a: str | None, b: str | None, *, timeout_s: float = 2.0) -> bool:
     if va is not None and vb is not None:
         _STATS.bump("numeric")
         return _numbers_match(va, vb)
+    if _BASE_SUBSCRIPT_RE.search(na) or _BASE_SUBSCRIPT_RE.search(nb):
+        _STATS.bump("skipped_base")
+        return False
     if len(na) > SYMBOLIC_MAX_LEN or len(nb) > SYMBOLIC_MAX_LEN:
         _STATS.bump("skipped_too_long")
         return False

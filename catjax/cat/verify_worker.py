@@ -1,9 +1,10 @@
-"""Sandboxed symbolic-equivalence worker, run in a spawned child process.
+"""Sandboxed symbolic-equivalence worker, run in its own interpreter process.
 
-`catjax.cat.answers` owns the process: it starts `serve` with a multiprocessing *spawn*
-context, sends ``(request_id, op, a, b)`` tuples over a pipe and enforces a wall-clock limit
-per request from the outside (killing and replacing this process if it overruns). This module
-must stay cheap to import in the parent: math-verify / sympy are imported only inside `serve`.
+`catjax.cat.answers` owns the process: it runs ``python -m catjax.cat.verify_worker FD`` (a
+fresh interpreter, never a fork), sends ``(request_id, op, a, b)`` tuples over the socket FD
+with `multiprocessing.connection` framing, and enforces a wall-clock limit per request from
+the outside (killing and replacing this process if it overruns). This module must stay cheap
+to import in the parent: math-verify / sympy are imported only inside `serve`.
 
 Defence in depth, on top of "we never hand model text to sympify/parse_expr/eval":
 * only math-verify's LaTeX extractor is enabled (its plain-expression extractor calls sympy's
@@ -110,6 +111,9 @@ def _make_checker():
 
     # math-verify warns once that its own timeouts are off; we bound time from the parent.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # LaTeX extraction only: ExprExtractionConfig (a math-verify default) would hand the raw
+    # text to sympy's parse_expr, i.e. eval. The LaTeX path parses with ANTLR and gives sympy
+    # only number tokens.
     config = [LatexExtractionConfig()]
 
     def parse_latex(text: str) -> list:
@@ -127,11 +131,30 @@ def _make_checker():
     return check
 
 
+def _sandbox_holds() -> bool:
+    """Self-test: the installed audit hook refuses a file write, a shell, and compiling an
+    injection-shaped string (a constant; nothing here is ever executed)."""
+    attempts = (
+        lambda: open(os.devnull, "w"),  # noqa: SIM115 - must fail before returning a file
+        lambda: os.system("true"),
+        lambda: compile("__import__('os')", "<string>", "eval"),
+    )
+    for attempt in attempts:
+        try:
+            attempt()
+        except PermissionError:
+            continue
+        return False
+    return True
+
+
 def _handle(check, op: str, a: str, b: str) -> bool:
     if op == "verify":
         return check(a, b)
     if op == "ping":
         return True
+    if op == "probe":  # test hook: is the sandbox in place?
+        return _sandbox_holds()
     if op == "sleep":  # test hook: simulates a hung comparison
         time.sleep(float(a))
         return True
@@ -159,3 +182,7 @@ def serve(conn: Connection) -> None:
         except Exception as e:  # RecursionError, MemoryError, parse errors: all mean "no"
             result, error = False, type(e).__name__
         conn.send((req_id, result, error))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

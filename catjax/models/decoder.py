@@ -25,18 +25,22 @@ _NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer; slot s holds the token at position s."""
+    """Keys and values of every layer; slot s holds the token at position s.
 
-    k_lbskh: jax.Array
-    v_lbskh: jax.Array
+    Layout [L, B, K, S, H]: (batch, kv head) lead so that both attention matmuls read the cache
+    as it lies, with no per-step transpose of the whole cache.
+    """
+
+    k_lbksh: jax.Array
+    v_lbksh: jax.Array
 
     @property
     def num_slots(self) -> int:
-        return self.k_lbskh.shape[2]
+        return self.k_lbksh.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, num_slots: int, dtype: Any = None) -> KVCache:
-    shape = (cfg.num_layers, batch, num_slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, num_slots, cfg.head_dim)
     dtype = dtype or cfg.jnp_dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -156,18 +160,21 @@ def _attention_mask(cfg: ModelConfig, q_pos_bt, k_pos_bs, k_valid_bs, sliding) -
     return mask
 
 
-def _attend(cfg: ModelConfig, q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
-    """Grouped-query attention; scores and softmax in float32."""
+def _attend(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, mask_bts) -> jax.Array:
+    """Grouped-query attention over keys [B, K, S, H]; scores and softmax in float32."""
     b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+    kv = k_bksh.shape[1]
+    # [B, K, G*T, H]: the query heads sharing a kv head become rows of one matmul.
+    q_bkrh = q_btnh.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, h)
+    scores = jnp.einsum("bkrh,bksh->bkrs", q_bkrh, k_bksh,
                         preferred_element_type=jnp.float32) * cfg.attn_scale
     if cfg.attn_logit_softcap:
         scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    mask = jnp.broadcast_to(mask_bts[:, None, None], (b, 1, n // kv, t, mask_bts.shape[-1]))
+    scores = jnp.where(mask.reshape(b, 1, -1, mask_bts.shape[-1]), scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+    out = jnp.einsum("bkrs,bksh->bkrh", probs, v_bksh, preferred_element_type=jnp.float32)
+    out = out.reshape(b, kv, n // kv, t, h).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
@@ -254,7 +261,10 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
         p, sliding = xs
         rope_cs = jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
         mask = jnp.where(sliding, masks[1], masks[0])
-        return _layer(cfg, p, x, rope_cs, lambda q, k, v: _attend(cfg, q, k, v, mask)), None
+        def attend(q, k, v):
+            return _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+        return _layer(cfg, p, x, rope_cs, attend), None
 
     x = embed(cfg, params, tokens_bt)
     x, _ = jax.lax.scan(_maybe_remat(cfg, body), x,
@@ -299,8 +309,9 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
         new = {}
 
         def attend(q, k, v):
-            new["k"] = ck.at[i, rows_b1, positions_bt].set(k.astype(ck.dtype), mode="drop")
-            new["v"] = cv.at[i, rows_b1, positions_bt].set(v.astype(cv.dtype), mode="drop")
+            # Advanced indices around a slice: the update is laid out [B, T, K, H], as k is.
+            new["k"] = ck.at[i, rows_b1, :, positions_bt].set(k.astype(ck.dtype), mode="drop")
+            new["v"] = cv.at[i, rows_b1, :, positions_bt].set(v.astype(cv.dtype), mode="drop")
             k_all, v_all = new["k"][i].astype(q.dtype), new["v"][i].astype(q.dtype)
             return _attend(cfg, q, k_all, v_all, mask)
 
@@ -309,7 +320,7 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
 
     x = embed(cfg, params, tokens_bt)
     xs = (params["layers"], jnp.asarray(cfg.layer_is_sliding()), jnp.arange(cfg.num_layers))
-    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k_lbskh, cache.v_lbskh), xs)
+    (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k_lbksh, cache.v_lbksh), xs)
     return x, KVCache(ck, cv)
 
 
