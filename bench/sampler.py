@@ -117,7 +117,7 @@ def main():
             rows = len(prompts) * g
             ours, compile_s = time_catjax(cfg, params, prompts, g, n, args.repeats)
             theirs = time_transformers(ref, prompts, g, n, args.repeats)
-            tps = lambda ts: [rows * n / t for t in ts]  # noqa: E731
+            tps = lambda ts, rows=rows: [rows * n / t for t in ts]  # noqa: E731
             r = {
                 "catjax_tok_s": statistics.median(tps(ours)),
                 "catjax_tok_s_range": [min(tps(ours)), max(tps(ours))],

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catjax import models
+from catjax import models, parallel
 from catjax.models import ModelConfig, Params
 
 
@@ -94,6 +94,45 @@ def _nucleus_threshold(probs_bv: jax.Array, top_p: float, iters: int = 24) -> ja
     return jnp.minimum(lo, hi)
 
 
+def _nucleus_mask(scaled_bv: jax.Array, top_p: float, candidates: int = 256) -> jax.Array:
+    """Tokens of the nucleus (smallest set of mass >= top_p), without sorting the vocabulary.
+
+    Usually the nucleus lies within the top `candidates` tokens: `lax.top_k` finds them and the
+    cut is exact there. Only when some row's candidates hold less than `top_p` of the mass (a
+    very flat distribution) does the bisection over the whole vocabulary run.
+    """
+    probs = jax.nn.softmax(scaled_bv, axis=-1)
+    top, _ = jax.lax.top_k(probs, min(candidates, probs.shape[-1]))
+    before = jnp.cumsum(top, axis=-1) - top
+    t_fast = jnp.min(jnp.where(before < top_p, top, jnp.inf), axis=-1)
+    covered = jnp.all(jnp.sum(top, axis=-1) >= top_p)
+    t = jax.lax.cond(covered, lambda: t_fast, lambda: _nucleus_threshold(probs, top_p))
+    return probs >= t[:, None]
+
+
+def categorical(key: jax.Array, logits_bv: jax.Array, block: int = 256) -> jax.Array:
+    """Exact draw from softmax(logits) by inverting the CDF with one uniform per row.
+
+    `jax.random.categorical` draws a Gumbel variate for every vocabulary entry, which dominates a
+    CPU decode step at 50k vocabularies. Here the CDF is inverted in two levels (sums of blocks
+    of `block` entries, then within the chosen block), so the work is one pass over the row.
+    """
+    b, v = logits_bv.shape
+    nb = -(-v // block)
+    logits = jnp.pad(logits_bv, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).reshape(b, nb, block)
+    cum_blocks = jnp.cumsum(p.sum(-1), axis=-1)  # [B, nb]
+    u = jax.random.uniform(key, (b,), jnp.float32) * cum_blocks[:, -1]
+    blk = jnp.minimum(jnp.sum(cum_blocks <= u[:, None], axis=-1), nb - 1)
+    base = jnp.where(blk > 0, jnp.take_along_axis(cum_blocks, (blk - 1)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+    cum_inner = jnp.cumsum(inner, axis=-1)
+    j = jnp.sum(cum_inner <= (u - base)[:, None], axis=-1)
+    # Rounding can push j past the block's last positive entry: clamp onto it.
+    last_pos = block - 1 - jnp.argmax(jnp.flip(inner > 0, axis=-1), axis=-1)
+    return (blk * block + jnp.minimum(j, last_pos)).astype(jnp.int32)
+
+
 def draw(logits_bv: jax.Array, key: jax.Array,
          sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw tokens [B]; their log-probs under the sampling distribution and the plain model."""
@@ -110,15 +149,13 @@ def draw(logits_bv: jax.Array, key: jax.Array,
             probs = jax.nn.softmax(vals_bk, axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs
             vals_bk = jnp.where(before < sp.top_p, vals_bk, -jnp.inf)
-        choice = jax.random.categorical(key, vals_bk, axis=-1)
+        choice = categorical(key, vals_bk, block=min(256, vals_bk.shape[-1]))
         tok = jnp.take_along_axis(idx_bk, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         lp = _take(jax.nn.log_softmax(vals_bk, axis=-1), choice)
         return tok, lp, _take(model_lp_bv, tok)
     if sp.top_p < 1:
-        probs = jax.nn.softmax(scaled, axis=-1)
-        keep = probs >= _nucleus_threshold(probs, sp.top_p)[:, None]
-        scaled = jnp.where(keep, scaled, -jnp.inf)
-    tok = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        scaled = jnp.where(_nucleus_mask(scaled, sp.top_p), scaled, -jnp.inf)
+    tok = categorical(key, scaled)
     return tok, _take(jax.nn.log_softmax(scaled, axis=-1), tok), _take(model_lp_bv, tok)
 
 
@@ -131,22 +168,31 @@ def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
-                     "cache_dtype"),
+                     "cache_dtype", "mesh"),
 )
 def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
-            stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str) -> SampleOutput:
+            stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str,
+            mesh: jax.sharding.Mesh | None) -> SampleOutput:
     b, p = prompt_bp.shape
     g, n = num_samples, max_new_tokens
     r = b * g
 
+    def on_batch(x, axis: int = 0):
+        """Keep the batch axis split over the mesh's data-parallel axes."""
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
+
     # Prefill once per prompt; logits only at each prompt's last token.
-    cache = models.init_cache(cfg, b, p + n, jnp.dtype(cache_dtype))
+    cache = jax.tree.map(lambda c: on_batch(c, 1),
+                         models.init_cache(cfg, b, p + n, jnp.dtype(cache_dtype)))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     hidden, cache = models.hidden_cached(cfg, params, prompt_bp, positions, cache)
     last = jnp.take_along_axis(hidden, (prompt_len_b - 1)[:, None, None], axis=1)
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last)[:, 0], g, axis=0)
-    cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
+    cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
+    logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
@@ -165,7 +211,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         lengths = lengths + live
         done = done | jnp.isin(tok, stops)
         hidden, cache = models.hidden_cached(cfg, params, tok[:, None], pos[:, None], cache)
-        logits = models.logits_from_hidden(cfg, params, hidden)[:, 0]
+        cache = jax.tree.map(lambda c: on_batch(c, 1), cache)
+        logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])
         pos = jnp.minimum(pos + live, p + n - 1)
         return step + 1, cache, logits, done, pos, lengths, toks, lps, mlps
 
@@ -190,26 +237,40 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            num_samples: int = 1, max_new_tokens: int, rng: jax.Array,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
-           prompt_length: int | None = None) -> SampleOutput:
+           prompt_length: int | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
-    with fixed shapes compile once.
+    with fixed shapes compile once. With a `mesh`, prompts, cache and rollouts are split over its
+    data-parallel axes (the prompt count is padded to a multiple of their size).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    num_prompts = len(prompts)
+    if mesh is not None:
+        dp = parallel.data_parallel_size(mesh)
+        prompts = list(prompts) + [prompts[-1]] * (-len(prompts) % dp)
     tokens, lengths = pad_prompts(prompts, pad_id, prompt_length)
     if tokens.shape[1] + max_new_tokens > cfg.max_position:
         raise ValueError(
             f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's context of {cfg.max_position}")
     sp = SamplingParams(float(temperature), int(top_k), float(top_p))
-    return _sample(cfg, params, jnp.asarray(tokens), jnp.asarray(lengths), rng, sp=sp,
-                   num_samples=num_samples, max_new_tokens=max_new_tokens,
-                   stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-                   cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+        tokens = jax.device_put(tokens, parallel.batch_sharding(mesh, 2))
+        lengths = jax.device_put(lengths, parallel.batch_sharding(mesh, 1))
+    out = _sample(cfg, params, tokens, lengths, rng, sp=sp, num_samples=num_samples,
+                  max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
+                  pad_id=int(pad_id),
+                  cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh)
+    rows = num_prompts * num_samples
+    if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
+        out = jax.tree.map(lambda x: x[:rows], out)
+    return out
 
 
 def completions(out: SampleOutput, strip_stop: bool = True) -> list[list[int]]:

@@ -101,3 +101,13 @@ def test_truncated_distribution_is_followed(sp):
     freq, lps, toks = _empirical(logits, sp)
     np.testing.assert_allclose(freq, target, atol=0.012)
     np.testing.assert_allclose(lps, np.log(target[np.asarray(toks)]), atol=1e-5)
+
+
+def test_flat_distribution_takes_the_bisection_path():
+    # 1000 near-equal tokens: the top-256 candidates hold < top_p, so the bisection decides.
+    logits = jnp.concatenate([jnp.linspace(0.0, 0.01, 1000), jnp.full(24, -30.0)])
+    mask = np.asarray(sampling._nucleus_mask(logits[None], 0.9))[0]
+    assert 895 <= mask.sum() <= 905 and mask[999] and not mask[1000:].any()
+    peaked = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05] + [1e-6] * 300))
+    mask = np.asarray(sampling._nucleus_mask(peaked[None], 0.9))[0]
+    assert mask[:3].all() and not mask[3:].any()

@@ -47,3 +47,39 @@ def test_smollm2_greedy_continuation_is_english(smollm2):
     text = tok.decode(ids)
     print("SmolLM2 greedy:", repr(text))
     assert "Paris" in text
+
+
+CHATS = [
+    "What is the capital of Japan?",
+    "Give me two tips for sleeping better.",
+    "Translate 'good morning' into French.",
+    "What is 7 times 8?",
+    "Name a planet in our solar system.",
+]
+
+
+def test_smollm2_greedy_chat_matches_transformers_generate(smollm2):
+    """Five real chat prompts in one ragged batch: token-for-token equal to `generate`."""
+    from catjax import sampling, text
+    from tests.assets import smollm2_gguf
+
+    cfg, params, hf_tok, ref = smollm2
+    tok = text.load_tokenizer(smollm2_gguf())
+    prompts = [tok.chat([{"role": "user", "content": c}]) for c in CHATS]
+    n = 24
+    out = sampling.sample(cfg, params, prompts, max_new_tokens=n, rng=_key(),
+                          temperature=0.0, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+    ours = sampling.completions(out)
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                               eos_token_id=list(tok.eos_ids), pad_token_id=tok.pad_id)
+        want = [t for t in gen[0, len(prompt):].tolist() if t not in tok.eos_ids]
+        print("SmolLM2 chat:", repr(tok.decode(got)))
+        assert got == want
+
+
+def _key():
+    import jax
+
+    return jax.random.key(0)
