@@ -34,10 +34,13 @@ def resolve_init(init: str) -> str:
 def load_model(mc: Any) -> cat_round.Model:
     """`mc.init`: 'smollm2', a HF directory, a .gguf file (local or gs://); `mc.tokenizer`
     defaults to the same place; `mc.dtype` converts the weights ('' keeps the checkpoint's)."""
-    path = resolve_init(mc.init)
+    path = mc.init if str(mc.init).startswith("random:") else resolve_init(mc.init)
     dtype = mc.get("dtype") or None
     if str(mc.init).startswith("random:"):
-        cfg = models.get_preset(mc.init.split(":", 1)[1], **({"dtype": dtype} if dtype else {}))
+        overrides = {"dtype": dtype} if dtype else {}
+        if mc.get("vocab_size"):
+            overrides["vocab_size"] = int(mc.vocab_size)
+        cfg = models.get_preset(mc.init.split(":", 1)[1], **overrides)
         params = models.init_params(cfg, jax.random.key(mc.get("seed", 0)))
     else:
         cfg, params = models.from_pretrained(path, dtype=dtype)

@@ -1,6 +1,7 @@
 """Entry point: `python -m catjax.main --config=configs/X.py[:arg] --workdir=DIR|gs://...`.
 
-The config's `job` picks what runs: `evaluate` (test-time synthesis and baselines) or `demo`.
+The config's `job` picks what runs: `evaluate` (test-time synthesis and baselines), `train` (CaT-RL)
+or `demo`.
 Any field can be overridden with `--config.field=value`; an unknown field or a wrong type stops
 with one line before anything compiles.
 """
@@ -24,11 +25,15 @@ def run(config, workdir: str):
         from catjax import evaluate
 
         return evaluate.run(config, workdir)
+    if job == "train":
+        from catjax.rl import trainer
+
+        return trainer.train(config, workdir)
     if job == "demo":
         from catjax import demo
 
         return demo.run(config, workdir)
-    raise ValueError(f"config.job={job!r}: use 'evaluate' or 'demo'")
+    raise ValueError(f"config.job={job!r}: use 'evaluate', 'train' or 'demo'")
 
 
 def main(argv):

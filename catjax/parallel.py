@@ -43,3 +43,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+# Logical parameter axes (see `models.logical_axes`) -> mesh axes. A dimension that the mesh
+# axis does not divide stays replicated.
+DEFAULT_RULES = {
+    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+    "head_dim": None, "layers": None, "norm": None,
+}
+
+
+def param_shardings(shapes, logical, mesh: Mesh, rules: dict | None = None):
+    """NamedShardings for a parameter tree from its shapes and logical axis names."""
+    rules = {**DEFAULT_RULES, **(rules or {})}
+
+    def one(shape, names):
+        spec, used = [], set()
+        for dim, name in zip(shape, names, strict=True):
+            axis = rules.get(name)
+            if axis is None or axis in used or dim % mesh.shape[axis]:
+                spec.append(None)
+            else:
+                spec.append(axis)
+                used.add(axis)
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(one, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
