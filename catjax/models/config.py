@@ -186,7 +186,7 @@ def tiny_llama() -> ModelConfig:
         num_kv_heads=2, head_dim=24, mlp_dim=128, norm_eps=1e-5,
         rope=RopeConfig(theta=500_000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
                         high_freq_factor=4.0, original_max_position=32),
-        tie_embeddings=False, max_position=256,
+        tie_embeddings=False, max_position=4096,
     )
 
 
@@ -194,7 +194,7 @@ def tiny_qwen3() -> ModelConfig:
     return ModelConfig(
         family="qwen3", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
         num_kv_heads=1, head_dim=32, mlp_dim=128, qk_norm=True,
-        rope=RopeConfig(theta=1_000_000.0), tie_embeddings=True, max_position=256,
+        rope=RopeConfig(theta=1_000_000.0), tie_embeddings=True, max_position=4096,
     )
 
 
@@ -206,7 +206,7 @@ def tiny_gemma3() -> ModelConfig:
         rope=RopeConfig(theta=1_000_000.0, scaling="linear", factor=8.0),
         rope_local=RopeConfig(theta=10_000.0), sliding_window=8,
         sliding_pattern=gemma3_pattern(3, every=3), query_pre_attn_scalar=16, embed_scale=True,
-        tie_embeddings=True, max_position=256,
+        tie_embeddings=True, max_position=4096,
     )
 
 

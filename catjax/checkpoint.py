@@ -1,0 +1,353 @@
+"""Training checkpoints with Orbax, in a local directory or under `gs://bucket/path`.
+
+    ckpt = Checkpointer(workdir + "/checkpoints", max_to_keep=3, save_interval_steps=100)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_state=abstract)    # abstract: ShapeDtypeStructs + shardings
+    is_preempted = install_preemption_handler()
+    for step in ...:
+        ckpt.save(step, {"params": p, "opt_state": o}, meta={"data_pos": i}, force=is_preempted())
+        if is_preempted():
+            break
+    ckpt.close()                                                # waits for the last async write
+
+Layout: `<directory>/<step>/{state,meta}`: "state" is the array pytree (Orbax StandardSave: OCDBT +
+zarr via tensorstore; any sharding, restored onto any other), "meta" a small JSON document.
+
+Atomicity. Orbax writes a step into `<step>.orbax-checkpoint-tmp-<t>` and renames it when complete
+(local disks), or writes `<step>/commit_success.txt` last (GCS, which cannot rename directories).
+`latest_step()` lists the storage afresh and reports only finalized steps, so a step whose writer was
+killed, or that is still being written asynchronously, is never restored. A `Checkpointer` removes
+unfinalized step directories left by a dead writer before its first save (Orbax's
+`cleanup_tmp_directories`), so only one writer may use a directory at a time.
+
+Failures and timeouts (what bounds a call when storage goes away):
+* Every blocking call (`save`, including its wait for the previous async save, `wait`, `restore`,
+  `latest_step`, `close`) runs under a wall-clock deadline, `timeout_s` (default 1800 s). Past it, a
+  `CheckpointError` is raised and the checkpointer refuses further work; writes still in flight are
+  abandoned and can never finalize a partial step.
+* gs:// only: before each save and restore a one-request probe (tensorstore GET of a missing object)
+  checks the bucket answers, with the GCS retry policy below, so an unreachable store fails in seconds.
+* Arrays (tensorstore): `gcs_request_retries` = `GCS_RETRIES` (6 attempts, backoff 1 s doubling to at
+  most 16 s: about a minute), instead of tensorstore's default 32 attempts with backoff up to 32 s
+  (about 15 minutes per request). Change with `set_gcs_retries(...)`.
+* Small files (metadata, JSON, commit markers, listings) go through gcsfs: 6 attempts, backoff 1, 2, 4,
+  8, 16 s (+ jitter, ~ 20-35 s in all), not configurable there; the deadline above bounds it anyway.
+Errors are raised as `CheckpointError("<directory>: save of step 12 failed: ...")`, one line. The last
+finalized checkpoint is never modified by a failed save (older steps are only deleted after a newer
+one is finalized).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+STATE, META = "state", "meta"
+DEFAULT_TIMEOUT_S = 1800.0
+GCS_RETRIES = {"max_retries": 6, "initial_delay_s": 1.0, "max_delay_s": 16.0}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (storage unreachable, timed out, or corrupt)."""
+
+
+# --------------------------------------------------------------------------- GCS retry policy
+
+
+def _ts_retries() -> dict:
+    r = GCS_RETRIES
+    return {"max_retries": int(r["max_retries"]), "initial_delay": f"{float(r['initial_delay_s'])}s",
+            "max_delay": f"{float(r['max_delay_s'])}s"}
+
+
+def _apply_gcs_retries() -> None:
+    """Put `GCS_RETRIES` into the tensorstore contexts Orbax builds for array reads and writes.
+
+    Orbax 0.12 has no public option for this; it deep-copies these module-level dicts into every
+    `ts.Context`, so adding the `gcs_request_retries` resource to them applies it (only the `gcs`
+    kvstore driver reads that resource; local files are unaffected)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        ctx = getattr(tsu, name, None)
+        if isinstance(ctx, dict):
+            ctx["gcs_request_retries"] = _ts_retries()
+
+
+def set_gcs_retries(max_retries: int = 6, initial_delay_s: float = 1.0, max_delay_s: float = 16.0) -> None:
+    """Retry policy of every GCS request tensorstore makes for checkpoints (process-wide)."""
+    GCS_RETRIES.update(max_retries=max_retries, initial_delay_s=initial_delay_s, max_delay_s=max_delay_s)
+    _apply_gcs_retries()
+
+
+# --------------------------------------------------------------------------- meta (JSON)
+
+
+def _encode_meta(x: Any, path: str = "meta") -> Any:
+    """JSON-ready copy of `x`; arrays (incl. typed PRNG keys) become tagged dicts, tuples lists."""
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{path}: JSON object keys must be str, got {k!r}")
+            out[k] = _encode_meta(v, f"{path}[{k!r}]")
+        return out
+    if isinstance(x, list | tuple):
+        return [_encode_meta(v, f"{path}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return {"__prng_key__": str(jax.random.key_impl(x)),
+                "data": _encode_meta(jax.random.key_data(x), path)}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray | jax.Array):
+        a = np.asarray(x)
+        return {"__ndarray__": a.reshape(-1).tolist(), "dtype": str(a.dtype), "shape": list(a.shape)}
+    raise TypeError(f"{path}: {type(x).__name__} is not JSON-serialisable")
+
+
+def _decode_meta(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_decode_meta(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if set(x) == {"__ndarray__", "dtype", "shape"}:
+        return np.asarray(x["__ndarray__"], dtype=jax.numpy.dtype(x["dtype"])).reshape(x["shape"])
+    if set(x) == {"__prng_key__", "data"}:
+        return jax.random.wrap_key_data(_decode_meta(x["data"]), impl=x["__prng_key__"])
+    return {k: _decode_meta(v) for k, v in x.items()}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    msg = " ".join(str(e).split())
+    msg = msg.split(" [tensorstore_spec=")[0]  # tensorstore appends the whole JSON spec
+    if len(msg) > limit:
+        msg = msg[:limit] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract_leaf(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if x.sharding is None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_default_sharding())
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x  # numpy arrays / Python scalars restore as such
+
+
+class Checkpointer:
+    """Orbax `CheckpointManager` over items "state" (array pytree) and "meta" (JSON)."""
+
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+                 async_save: bool = True, timeout_s: float | None = DEFAULT_TIMEOUT_S):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = str(directory).rstrip("/")
+        self.timeout_s = timeout_s
+        self._is_gcs = self.directory.startswith("gs://")
+        self._failed: CheckpointError | None = None
+        self._pending: int | None = None  # step of an async save not yet waited for
+        self._closed = False
+        self._async = async_save
+        self._interval = max(1, int(save_interval_steps))
+        if self._is_gcs:
+            _apply_gcs_retries()
+            self._probe("open")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
+            cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+        self._mgr = self._bounded("open", lambda: ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers))
+
+    # ----------------------------------------------------------------------- internals
+
+    def _bounded(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` under the deadline; turn failures into a one-line `CheckpointError`."""
+        if self._failed is not None:
+            raise self._failed
+        box: dict[str, Any] = {}
+
+        def run():
+            try:
+                box["out"] = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["err"] = e
+
+        t = threading.Thread(target=run, name=f"catjax-checkpoint-{what}", daemon=True)
+        t.start()
+        t.join(self.timeout_s)
+        if t.is_alive():
+            self._failed = CheckpointError(
+                f"{self.directory}: {what} did not finish within {self.timeout_s:g} s (storage "
+                f"unreachable or too slow); the last finalized checkpoint is intact")
+            raise self._failed
+        err = box.get("err")
+        if err is not None:
+            if isinstance(err, FileNotFoundError | CheckpointError | KeyboardInterrupt):
+                raise err
+            raise CheckpointError(f"{self.directory}: {what} failed: {_one_line(err)}") from err
+        return box.get("out")
+
+    def _probe(self, what: str) -> None:
+        """One GET against the bucket (gs:// only), retried per `GCS_RETRIES`."""
+        import tensorstore as ts
+
+        bucket, _, path = self.directory[len("gs://"):].partition("/")
+        spec = {"driver": "gcs", "bucket": bucket, "path": path + "/" if path else "",
+                "context": {"gcs_request_retries": _ts_retries()}}
+        try:
+            ts.KvStore.open(spec).result().read(".catjax-probe").result()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.directory}: {what}: GCS unreachable after "
+                                  f"{GCS_RETRIES['max_retries']} attempts: {_one_line(e)}") from e
+
+    def _finalized_steps(self) -> list[int]:
+        return sorted(self._ocp.path.step.checkpoint_steps(self.directory))
+
+    # ----------------------------------------------------------------------- API
+
+    def save(self, step: int, state: dict[str, Any], meta: dict | None = None, force: bool = False) -> bool:
+        """Save `state` (a pytree of arrays) and `meta` (JSON-able; numpy/jax arrays and PRNG keys are
+        encoded and come back as numpy arrays / keys) at `step`, if due by `save_interval_steps` or
+        `force` (due: `step % save_interval_steps == 0`; never a step <= the last one saved).
+        Asynchronous when `async_save`: returns once arrays are copied off the device, so
+        the caller may donate or overwrite them. Returns whether a save was started."""
+        ocp = self._ocp
+        meta_json = _encode_meta(dict(meta or {}))  # fails here, clearly, on non-JSON meta
+        step = int(step)
+        last = self._mgr.latest_step()
+        if (last is not None and step <= last) or not (force or step % self._interval == 0):
+            return False
+        self.wait()  # surfaces a failure of the previous async save as such
+        if self._is_gcs:
+            self._probe(f"save of step {step}")
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                     META: ocp.args.JsonSave(meta_json)})
+        saved = self._bounded(f"save of step {step}",
+                              lambda: self._mgr.save(step, args=args, force=True))
+        if saved:
+            self._pending = step
+            if not self._async:  # already written: check it was finalized
+                self.wait()
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save is written and finalized (or raise)."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        self._bounded(f"save of step {step}", self._mgr.wait_until_finished)
+        # Orbax logs, and does not raise, some failures of an item's commit; check the outcome.
+        if step not in self._bounded("listing", self._finalized_steps):
+            raise CheckpointError(f"{self.directory}: save of step {step} failed: it was not "
+                                  "finalized (see the Orbax log above)")
+
+    def latest_step(self) -> int | None:
+        """Newest finalized step in storage (read afresh), or None. A save still in flight is not
+        counted until it is finalized (`wait()`)."""
+        steps = self._bounded("listing", self._finalized_steps)
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Finalized steps in storage, ascending."""
+        return self._bounded("listing", self._finalized_steps)
+
+    def restore(self, step: int | None = None, abstract_state: Any = None) -> tuple[Any, dict]:
+        """Restore (state, meta) of `step` (default: latest finalized).
+
+        `abstract_state` mirrors the saved state: `jax.ShapeDtypeStruct`s (or arrays) whose
+        `sharding` and `dtype` say where and as what to restore each array (any mesh and device
+        count: Orbax reads just the needed slices; dtypes are cast). Its structure is used, so
+        optax NamedTuples come back as such. Without it, arrays are restored as saved onto one
+        local device, with containers as Orbax's metadata gives them (dicts/lists)."""
+        ocp = self._ocp
+        self.wait()  # our own pending save, if any, first
+        if self._is_gcs:
+            self._probe("restore")
+        steps = self._bounded("listing", self._finalized_steps)
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif int(step) not in steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step} (have {steps})")
+        step = int(step)
+        if abstract_state is None:
+            tree = self._bounded(f"restore of step {step}",
+                                 lambda: self._mgr.item_metadata(step)[STATE].tree)
+            abstract_state = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_default_sharding()), tree)
+        else:
+            abstract_state = jax.tree.map(_abstract_leaf, abstract_state)
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                     META: ocp.args.JsonRestore()})
+        out = self._bounded(f"restore of step {step}", lambda: self._mgr.restore(step, args=args))
+        return out[STATE], _decode_meta(out[META] or {})
+
+    def close(self) -> None:
+        """Wait for pending writes, then release Orbax's threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._failed is not None:
+            return  # a write is stuck on dead storage: do not wait for it
+        try:
+            self.wait()
+        finally:
+            self._bounded("close", self._mgr.close)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Callable[[], bool]:
+    """Set a flag on SIGTERM (the trainer polls it, saves, and exits); returns `is_preempted()`.
+
+    The handler only sets the flag: no I/O happens in signal context. A Python handler installed
+    before is still called. In a multi-process run `is_preempted()` is a collective (an all-gather of
+    the flags), so every process must call it at the same points; then all processes agree and save
+    the same step even if only some of them received the signal. Must be called from the main thread.
+    """
+    flag = threading.Event()
+
+    for sig in signals:
+        prev = signal.getsignal(sig)
+
+        def handler(signum, frame, _prev=prev):
+            flag.set()
+            if callable(_prev):
+                _prev(signum, frame)
+
+        signal.signal(sig, handler)
+
+    def is_preempted() -> bool:
+        if jax.process_count() == 1:
+            return flag.is_set()
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(flag.is_set()))
+        return bool(np.asarray(flags).any())
+
+    return is_preempted

@@ -1,0 +1,1 @@
+"""CaT-RL: GRPO-family losses (`grpo`) and the trainer (`trainer`)."""

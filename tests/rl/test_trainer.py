@@ -1,0 +1,111 @@
+"""CaT-RL trainer: a CPU run end to end, exact resume, and 8 devices == 1 device."""
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from catjax import main, metrics
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.endswith(("__init__.py", "common.py"))],
+                         ids=os.path.basename)
+def test_every_config_builds(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config()
+    assert config.job in ("evaluate", "train", "demo")
+    if name == "cat_rl":
+        for model in ("gemma3_4b", "qwen3_4b", "llama31_8b", "smollm2", "tiny"):
+            for task in ("math500", "gsm8k", "healthbench"):
+                c = module.get_config(f"model={model},task={task}")
+                assert c.round.num_rollouts == 8 and c.optimizer.lr == 5e-7
+        assert module.get_config("model=qwen3_4b").round.chat_kwargs.no_think is True
+
+
+def _tiny(steps: int):
+    from configs import cat_rl
+
+    config = cat_rl.get_config("model=tiny,runlocal")
+    config.steps = steps
+    return config
+
+
+def test_runlocal_leaves_checkpoints_metrics_plot_and_export(tmp_path):
+    out = main.run(_tiny(2), str(tmp_path))
+    assert os.path.exists(tmp_path / "curves.png")
+    assert os.path.exists(tmp_path / "export" / "config.json")
+    rows = metrics.read(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward_mean", "frac_reward_zero_std", "loss", "kl_ref", "clip_frac", "entropy",
+                "grad_norm", "tokens_per_s", "step_time_s", "response_length"):
+        assert key in rows[-1], key
+    assert os.listdir(tmp_path / "checkpoints")
+    assert out["params"] is not None
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = main.run(_tiny(3), str(tmp_path / "a"))["params"]
+    main.run(_tiny(1), str(tmp_path / "b"))
+    resumed = main.run(_tiny(3), str(tmp_path / "b"))["params"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
+    rows = metrics.read(str(tmp_path / "b" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+EIGHT = textwrap.dedent("""
+    import jax, numpy as np, optax
+    from catjax import models, parallel
+    from catjax.rl import trainer
+    cfg = models.get_preset("tiny_qwen3")
+    rl = trainer.RLConfig(num_rollouts=4, micro_batch=8)
+    opt = optax.adamw(1e-2)
+    rng = np.random.default_rng(0)
+    r, p, n = 16, 16, 8
+    batch = dict(tokens=rng.integers(1, 500, (r, p + n)).astype(np.int32),
+                 positions=np.broadcast_to(np.arange(p + n), (r, p + n)).astype(np.int32),
+                 key_mask=np.ones((r, p + n), bool),
+                 pred_index=np.broadcast_to(np.arange(p - 1, p + n - 1), (r, n)).astype(np.int32),
+                 mask=(np.arange(n)[None] < rng.integers(2, n + 1, (r, 1))).astype(np.float32),
+                 rewards=rng.integers(0, 2, r).astype(np.float32),
+                 behaviour_logprobs=-rng.random((r, n)).astype(np.float32))
+    batch["targets"] = batch["tokens"][:, p:]
+    def run(mesh):
+        params = models.init_params(cfg, jax.random.key(0))
+        anchor = models.init_params(cfg, jax.random.key(0))
+        if mesh is not None:
+            shard = parallel.param_shardings(models.param_shapes(cfg), models.logical_axes(cfg), mesh)
+            params, anchor = jax.device_put(params, shard), jax.device_put(anchor, shard)
+            b = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        else:
+            b = batch
+        opt_state = opt.init(params)
+        params, _, mets = trainer.train_step(cfg, params, opt_state, anchor, b, rl=rl, opt=opt)
+        return jax.device_get(params), jax.device_get(mets)
+    one, m1 = run(None)
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    eight, m8 = run(mesh)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
+    moved = max(float(np.abs(a - b).max()) for a, b in
+                zip(jax.tree.leaves(one), jax.tree.leaves(models.init_params(cfg, jax.random.key(0)))))
+    print("max param diff", err, "update size", moved)
+    assert err <= 1e-5 and moved > 1e-4
+    print("OK")
+""")
+
+
+def test_one_step_on_8_devices_equals_1_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", EIGHT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
