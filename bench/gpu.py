@@ -47,7 +47,7 @@ def main():
     inc = jax.jit(lambda a: a + 1)
     t = timeit(lambda: inc(big))
     bw = 2 * big.nbytes / t  # read + write
-    del big, x
+    x = big = None  # free the buffers
     print(f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 
     cfg = models.get_preset("qwen3_4b").replace(num_layers=16, hidden_size=2048, mlp_dim=6144,
