@@ -39,6 +39,7 @@ one is finalized).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -71,8 +72,10 @@ def _apply_gcs_retries() -> None:
     Orbax 0.12 has no public option for this; it deep-copies these module-level dicts into every
     `ts.Context`, so adding the `gcs_request_retries` resource to them applies it (only the `gcs`
     kvstore driver reads that resource; local files are unaffected)."""
-    from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
-
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+    except ImportError:  # another Orbax layout: tensorstore's defaults apply (the deadline still does)
+        return
     for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
         ctx = getattr(tsu, name, None)
         if isinstance(ctx, dict):
@@ -130,9 +133,34 @@ def _decode_meta(x: Any) -> Any:
 def _one_line(e: BaseException, limit: int = 400) -> str:
     msg = " ".join(str(e).split())
     msg = msg.split(" [tensorstore_spec=")[0]  # tensorstore appends the whole JSON spec
+    code = getattr(e, "code", None)
+    if isinstance(code, int):  # HTTP errors (gcsfs' HttpError prints as ", 503")
+        detail = msg.strip(" ,")
+        msg = f"HTTP {code}" + ("" if detail in ("", str(code)) else f": {detail}")
     if len(msg) > limit:
         msg = msg[:limit] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _forget_gcs_listings() -> None:
+    """Drop gcsfs' cached directory listings (kept forever by default) so that steps written or
+    deleted by another process or by tensorstore are seen; Orbax lists and stats through gcsfs."""
+    filesystems = []
+    try:
+        from etils.epath import backend
+
+        filesystems.append(backend.fsspec_backend.fs("gs://"))  # the instance epath (Orbax) uses
+    except Exception:  # other etils versions / TensorFlow backend: nothing cached here
+        pass
+    try:
+        import gcsfs
+
+        filesystems.extend(gcsfs.GCSFileSystem._cache.values())
+    except Exception:
+        pass
+    for fs in filesystems:
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache()
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -186,7 +214,7 @@ class Checkpointer:
         def run():
             try:
                 box["out"] = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            except BaseException as e:  # re-raised in the caller's thread
                 box["err"] = e
 
         t = threading.Thread(target=run, name=f"catjax-checkpoint-{what}", daemon=True)
@@ -213,11 +241,14 @@ class Checkpointer:
                 "context": {"gcs_request_retries": _ts_retries()}}
         try:
             ts.KvStore.open(spec).result().read(".catjax-probe").result()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"{self.directory}: {what}: GCS unreachable after "
                                   f"{GCS_RETRIES['max_retries']} attempts: {_one_line(e)}") from e
 
     def _finalized_steps(self) -> list[int]:
+        if self._is_gcs:
+            self._probe("listing")
+            _forget_gcs_listings()
         return sorted(self._ocp.path.step.checkpoint_steps(self.directory))
 
     # ----------------------------------------------------------------------- API
@@ -278,8 +309,6 @@ class Checkpointer:
         local device, with containers as Orbax's metadata gives them (dicts/lists)."""
         ocp = self._ocp
         self.wait()  # our own pending save, if any, first
-        if self._is_gcs:
-            self._probe("restore")
         steps = self._bounded("listing", self._finalized_steps)
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint")

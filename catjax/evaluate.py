@@ -95,6 +95,44 @@ def score_math(rec: dict, g_values: Sequence[int], gold_mode: str = "equivalent"
     return out
 
 
+def score_healthbench(recs: Sequence[dict], examples: Sequence[Any], judge: Judge) -> list[dict]:
+    """HealthBench scoring of each method's response: met points over positive points.
+
+    Each (response, physician criterion) pair goes to the judge as `[points] criterion`, as the
+    benchmark's grader sees it. Per example the score may be negative; the summary clips the
+    mean to [0, 1], as simple-evals does.
+    """
+    pairs, index = [], []
+    for k, (rec, ex) in enumerate(zip(recs, examples, strict=True)):
+        responses = {m: rec["rollouts"][i] for m, i in rec["picks"].items()}
+        responses["synthesis"] = rec["synthesis"]
+        for m, text in responses.items():
+            for j, item in enumerate(ex.rubrics):
+                pairs.append((f"[{item['points']}] {item['criterion']}", text))
+                index.append((k, m, j))
+    verdicts = judge.judge(pairs)
+    met: dict[tuple[int, str], float] = {}
+    for (k, m, j), v in zip(index, verdicts, strict=True):
+        if v.met:
+            met[(k, m)] = met.get((k, m), 0.0) + examples[k].rubrics[j]["points"]
+    out = []
+    for k, (rec, ex) in enumerate(zip(recs, examples, strict=True)):
+        positive = sum(r["points"] for r in ex.rubrics if r["points"] > 0) or 1.0
+        methods = [*rec["picks"], "synthesis"]
+        out.append({m: met.get((k, m), 0.0) / positive for m in methods})
+    return out
+
+
+def summarize_scores(scores: Sequence[dict], methods: Sequence[str]) -> dict:
+    summary: dict[str, Any] = {"num_questions": len(scores), "score": {}}
+    for m in methods:
+        vals = [s[m] for s in scores if m in s]
+        if vals:
+            mean, se = _mean_se(vals)
+            summary["score"][m] = {"mean": min(max(mean, 0.0), 1.0), "se": se}
+    return summary
+
+
 def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
     xs = np.asarray(xs, np.float64)
     if xs.size == 0:
@@ -192,6 +230,15 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
             f.flush()
             bar.update(len(batch))
     recs = [done[ex.id] for ex in examples]
+    if rc.task == "freeform":
+        methods = ["single", *[m for m in METHODS[1:] if m in config.eval.baselines
+                               and m != "majority"], "synthesis"]
+        summary = summarize_scores(score_healthbench(recs, examples, judge), methods)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for m, v in summary["score"].items():
+            print(f"{m:<14}{v['mean']:>10.3f}{v['se']:>8.3f}")
+        return summary
     methods = ["single", *[m for m in METHODS[1:] if m in config.eval.baselines or m in
                            ("majority", "synthesis")]]
     scores = [score_math(r, g_values, config.eval.gold_compare) for r in recs]

@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
     c.batch_size = 32  # questions per step (x G rollouts)
     c.remat = True
     c.export = True
+    c.peak_tflops_per_device = 0.0  # e.g. 197 (v5e bf16), 459 (v5p): logs an MFU estimate
     if model == "tiny":
         # A random tiny Qwen 3 over SmolLM2's vocabulary and chat format (CPU smoke runs).
         c.model = ml_collections.ConfigDict(dict(init="random:tiny_qwen3", tokenizer="smollm2",

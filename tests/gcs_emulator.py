@@ -276,11 +276,18 @@ class GcsEmulator:
 
 
 def _clear_gcsfs_cache() -> None:
+    """Forget gcsfs instances (and their cached listings), including the one etils.epath keeps."""
     try:
         import gcsfs
     except ImportError:
         return
     gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+        from etils.epath import backend
+
+        type(backend.fsspec_backend)._get_filesystem.cache_clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 @pytest.fixture

@@ -261,8 +261,18 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
             mets = {k: float(s) / max(float(c), 1e-9) for k, (s, c) in jax.device_get(mets).items()}
             dt = time.perf_counter() - t0
             gen_tokens = float(np.asarray(res.rollouts.lengths).sum())
+            # Update FLOPs: forward + backward (3x forward) per iteration, plus the anchor's
+            # forward; remat adds one more forward. Padding counts: it is computed too.
+            seq = batch["tokens"].shape[1]
+            fwd = batch["tokens"].size * models.num_flops_per_token(cfg, seq // 2)
+            update_flops = fwd * (1 + rl.num_iterations * (4 if cfg.remat else 3))
+            t_update = dt - t_round
             last = {**mets, **_round_metrics(res, rl.num_rollouts), "step_time_s": dt,
-                    "round_time_s": t_round, "tokens_per_s": gen_tokens / max(t_round, 1e-9)}
+                    "round_time_s": t_round, "tokens_per_s": gen_tokens / max(t_round, 1e-9),
+                    "update_tflops_per_s": update_flops / max(t_update, 1e-9) / 1e12}
+            if config.get("peak_tflops_per_device"):
+                last["mfu"] = last["update_tflops_per_s"] / (
+                    config.peak_tflops_per_device * jax.device_count())
             writer.write(step + 1, last)
             ckpt.save(step + 1, {"params": params, "opt_state": opt_state, "anchor": anchor},
                       meta={"step": step + 1}, force=step + 1 == config.steps or is_preempted())
