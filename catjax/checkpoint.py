@@ -21,20 +21,25 @@ unfinalized step directories left by a dead writer before its first save (Orbax'
 `cleanup_tmp_directories`), so only one writer may use a directory at a time.
 
 Failures and timeouts (what bounds a call when storage goes away):
-* Every blocking call (`save`, including its wait for the previous async save, `wait`, `restore`,
-  `latest_step`, `close`) runs under a wall-clock deadline, `timeout_s` (default 1800 s). Past it, a
-  `CheckpointError` is raised and the checkpointer refuses further work; writes still in flight are
-  abandoned and can never finalize a partial step.
-* gs:// only: before each save and restore a one-request probe (tensorstore GET of a missing object)
-  checks the bucket answers, with the GCS retry policy below, so an unreachable store fails in seconds.
+* Deadline: each storage operation a call makes (opening, listing, starting a save, waiting for an
+  async save, restoring) runs in a helper thread under a wall-clock limit, `timeout_s` (default
+  1800 s; `save` = wait for the previous save + listing + start, so at most a few times that). Past
+  it, `CheckpointError` is raised and this checkpointer refuses further work. The abandoned write
+  cannot finalize a step (the commit comes last, after every write succeeded); at interpreter exit
+  Python may still wait for Orbax's I/O threads until their own retries below give up.
+* gs:// only: before opening, each save and each listing (so `latest_step`, `restore`, `wait`), a
+  one-request probe (tensorstore GET of a missing object, retried per `GCS_RETRIES`) checks that the
+  bucket answers, so a store that is gone fails in seconds rather than after the retries below.
 * Arrays (tensorstore): `gcs_request_retries` = `GCS_RETRIES` (6 attempts, backoff 1 s doubling to at
-  most 16 s: about a minute), instead of tensorstore's default 32 attempts with backoff up to 32 s
-  (about 15 minutes per request). Change with `set_gcs_retries(...)`.
-* Small files (metadata, JSON, commit markers, listings) go through gcsfs: 6 attempts, backoff 1, 2, 4,
-  8, 16 s (+ jitter, ~ 20-35 s in all), not configurable there; the deadline above bounds it anyway.
-Errors are raised as `CheckpointError("<directory>: save of step 12 failed: ...")`, one line. The last
-finalized checkpoint is never modified by a failed save (older steps are only deleted after a newer
-one is finalized).
+  most 16 s: about a minute per request), instead of tensorstore's default of 32 attempts with
+  backoff up to 32 s (about 15 minutes). Change with `set_gcs_retries(...)`.
+* Small files (metadata, JSON, commit markers, listings) go through gcsfs: 6 attempts, backoff about
+  1, 2, 4, 8, 16 s (20-35 s in all), not configurable there; the deadline bounds it anyway.
+* gcsfs caches directory listings forever; they are dropped before each listing, so steps written by
+  other processes are seen.
+Errors are one line: `CheckpointError("<directory>: save of step 12 failed: HTTP 503")`. A failed save
+never touches the last finalized checkpoint: older steps are only deleted (`max_to_keep`) after a newer
+one is finalized.
 """
 
 from __future__ import annotations
@@ -357,19 +362,28 @@ def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> 
     The handler only sets the flag: no I/O happens in signal context. A Python handler installed
     before is still called. In a multi-process run `is_preempted()` is a collective (an all-gather of
     the flags), so every process must call it at the same points; then all processes agree and save
-    the same step even if only some of them received the signal. Must be called from the main thread.
+    the same step even if only some of them received the signal. `is_preempted.uninstall()` puts the
+    previous handlers back. Off the main thread (where Python cannot install signal handlers) it
+    warns and returns a flag that only `is_preempted.set()` can raise.
     """
     flag = threading.Event()
+    previous: dict[int, Any] = {}
+    try:
+        for sig in signals:
+            prev = signal.getsignal(sig)
 
-    for sig in signals:
-        prev = signal.getsignal(sig)
+            def handler(signum, frame, _prev=prev):
+                flag.set()
+                if callable(_prev):
+                    _prev(signum, frame)
 
-        def handler(signum, frame, _prev=prev):
-            flag.set()
-            if callable(_prev):
-                _prev(signum, frame)
+            signal.signal(sig, handler)
+            previous[sig] = prev
+    except ValueError:  # not the main thread
+        import logging
 
-        signal.signal(sig, handler)
+        logging.getLogger(__name__).warning("install_preemption_handler: not on the main thread, "
+                                            "SIGTERM will not be caught")
 
     def is_preempted() -> bool:
         if jax.process_count() == 1:
@@ -379,4 +393,11 @@ def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> 
         flags = multihost_utils.process_allgather(np.int32(flag.is_set()))
         return bool(np.asarray(flags).any())
 
+    def uninstall() -> None:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        previous.clear()
+
+    is_preempted.uninstall = uninstall
+    is_preempted.set = flag.set
     return is_preempted

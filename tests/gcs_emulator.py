@@ -8,7 +8,7 @@ Use the `gcs_emulator` fixture (import it into a test module) or `GcsEmulator` d
         url = gcs_emulator.url            # "gs://catjax-test"
         gcs_emulator.stop(); gcs_emulator.start()   # same port, objects kept
 
-The stock emulator lacks three behaviours tensorstore relies on (see docs/ENVIRONMENT.md, "Checkpoints
+The stock emulator lacks three behaviours tensorstore relies on (see shared/docs/ENVIRONMENT.md, "Checkpoints
 and GCS"); `patch_emulator()` adds them to its object handlers:
   1. the `x-goog-generation` (and `x-goog-metageneration`) header on media downloads;
   2. `ifGenerationMatch` / `ifGenerationNotMatch` on downloads (412 / 304), also on metadata GETs;

@@ -236,6 +236,8 @@ def test_preemption_handler_sets_flag_only():
         while not is_preempted() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert is_preempted()  # and we are still alive: the handler did not exit or save
+        is_preempted.uninstall()
+        assert signal.getsignal(signal.SIGTERM) is old
     finally:
         signal.signal(signal.SIGTERM, old)
 
@@ -298,6 +300,56 @@ def test_sharded_save_restore_across_device_counts(tmp_path):
     assert "OK4" in r.stdout, r.stderr[-3000:]
     r = run_script(restore2, devices=2)  # written on 4 devices, read on 2
     assert "OK2" in r.stdout, r.stderr[-3000:]
+
+
+def test_two_processes_save_restore_and_agree_on_preemption(tmp_path):
+    """The multi-host path: 2 processes x 1 device; only process 1 gets SIGTERM, both see it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = str(tmp_path / "ckpt")
+    code = """
+        import os, signal, sys
+        import jax, numpy as np
+        pid = int(sys.argv[1])
+        jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                                   process_id=pid, initialization_timeout=60)
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from catjax.checkpoint import Checkpointer, install_preemption_handler
+        mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+        sh = NamedSharding(mesh, P("d"))
+        x = jax.make_array_from_process_local_data(sh, np.arange(4, dtype=np.float32) + 4 * pid, (8,))
+        is_preempted = install_preemption_handler()
+        assert not is_preempted()
+        if pid == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        flag = is_preempted()
+        ckpt = Checkpointer({d!r}, save_interval_steps=10)
+        assert ckpt.save(3, {"x": x}, meta={"step": 3}, force=flag)
+        ckpt.wait()
+        got, meta = ckpt.restore(abstract_state={"x": jax.ShapeDtypeStruct((8,), np.float32, sharding=sh)})
+        full = multihost_utils.process_allgather(got["x"], tiled=True)
+        assert meta == {"step": 3} and np.array_equal(full, np.arange(8, dtype=np.float32)), full
+        ckpt.close()
+        print("OK", pid, flag, flush=True)
+    """.replace("{port}", str(port)).replace("{d!r}", repr(d))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(i)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=90))
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (out, err) in enumerate(outs):
+        assert f"OK {i} True" in out, err[-3000:]
 
 
 # -------------------------------------------------------------------------------------- gs:// (emulated)
