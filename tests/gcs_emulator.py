@@ -293,8 +293,10 @@ def _clear_gcsfs_cache() -> None:
 @pytest.fixture
 def gcs_emulator(monkeypatch):
     """A running, patched emulator with one empty bucket; env vars point every client at it."""
-    pytest.importorskip("gcp_storage_emulator")
-    pytest.importorskip("gcsfs")
+    # Installed by `make test` (extra `gcs`): a missing package fails here, it is never skipped.
+    import gcp_storage_emulator  # noqa: F401
+    import gcsfs  # noqa: F401
+
     emu = GcsEmulator()
     emu.start()
     for k, v in emu.env().items():
