@@ -44,6 +44,8 @@ def load_model(mc: Any) -> cat_round.Model:
         params = models.init_params(cfg, jax.random.key(mc.get("seed", 0)))
     else:
         cfg, params = models.from_pretrained(path, dtype=dtype)
+    if mc.get("params_from"):
+        params = params_from_checkpoint(mc.params_from, params)
     tok_path = mc.get("tokenizer") or path
     if not tok_path or str(tok_path).startswith("random:"):
         raise ValueError("model.tokenizer: a random model needs an explicit tokenizer path")
@@ -51,6 +53,24 @@ def load_model(mc: Any) -> cat_round.Model:
     from catjax.cat import round as cat_round
 
     return cat_round.Model(cfg, params, tok)
+
+
+def params_from_checkpoint(directory: str, like: Any) -> Any:
+    """The policy parameters of a catjax checkpoint (a trainer's `WORKDIR/checkpoints`).
+
+    The architecture comes from `model.init`; shapes must match it, checked leaf by leaf.
+    """
+    from catjax import checkpoint
+
+    state, meta = checkpoint.Checkpointer(directory, async_save=False).restore()
+    if "params" not in state:
+        raise ValueError(f"{directory}: checkpoint has no 'params' item")
+    got = state["params"]
+    want_shapes = jax.tree.map(lambda a: a.shape, like)
+    got_shapes = jax.tree.map(lambda a: a.shape, got)
+    if want_shapes != got_shapes:
+        raise ValueError(f"{directory}: checkpoint parameters do not match model.init's architecture")
+    return jax.tree.map(lambda a, b: jax.numpy.asarray(a, b.dtype), got, like)
 
 
 def round_config(rc: Any) -> cat_round.RoundConfig:

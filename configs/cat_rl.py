@@ -35,11 +35,15 @@ def get_config(arg: str = ""):
     if model == "tiny":
         # A random tiny Qwen 3 over SmolLM2's vocabulary and chat format (CPU smoke runs).
         c.model = ml_collections.ConfigDict(dict(init="random:tiny_qwen3", tokenizer="smollm2",
-                                                 dtype="", chat_format="", vocab_size=49_152))
+                                                 dtype="", chat_format="", vocab_size=49_152,
+                                                 params_from=""))
     else:
         c.model = ml_collections.ConfigDict(dict(
             init="smollm2" if model == "smollm2" else f"gs://YOUR_BUCKET/{model}",
             tokenizer="", dtype="bfloat16" if model != "smollm2" else "", chat_format=""))
+    # A catjax checkpoint to start from (e.g. another run's WORKDIR/checkpoints); the
+    # architecture and tokenizer still come from model.init.
+    c.model.params_from = ""
     c.data = ml_collections.ConfigDict(dict(
         name=task, split="test", path="", limit=None if task != "gsm8k" else 500))
     c.round = common.round_section(model, 8)

@@ -210,6 +210,13 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     rc = loading.round_config(config.round)
     rl = RLConfig(num_rollouts=rc.num_rollouts, **dict(config.rl))
     mesh = parallel.make_mesh(**dict(config.mesh))
+    rows, dp = config.batch_size * rl.num_rollouts, parallel.data_parallel_size(mesh)
+    if rows % dp:
+        raise ValueError(f"config.batch_size*num_rollouts={rows} does not split over the mesh's "
+                         f"{dp} data-parallel devices")
+    if rl.micro_batch and rows % rl.micro_batch:
+        raise ValueError(f"config.rl.micro_batch={rl.micro_batch} does not divide the {rows} "
+                         "rollout rows of a step")
     if policy is None:
         policy = loading.load_model(config.model)
     cfg = policy.cfg.replace(remat=bool(config.get("remat", False)))

@@ -12,6 +12,7 @@ import transformers
 
 from catjax import models
 from catjax.models import safetensors_io
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from tests.hf_fixtures import hf_logits, make_hf_model
 
 
@@ -89,3 +90,17 @@ def test_safetensors_writer_reads_in_the_reference_library(tmp_path):
     loaded = load_file(str(tmp_path / "x.safetensors"))
     np.testing.assert_array_equal(loaded["a"].numpy(), arrays["a"])
     assert loaded["b"].dtype == torch.bfloat16 and loaded["b"].float().sum() == 3
+
+
+def test_from_pretrained_and_save_pretrained_on_gs(tmp_path, gcs_bucket, monkeypatch):  # noqa: F811
+    from catjax import storage
+
+    monkeypatch.setattr(storage, "CACHE_DIR", str(tmp_path / "cache"))
+    make_hf_model("qwen3", str(tmp_path / "src"))
+    cfg, params = models.from_pretrained(str(tmp_path / "src"))
+    models.save_pretrained(cfg, params, f"{gcs_bucket}/models/q")
+    cfg2, params2 = models.from_pretrained(f"{gcs_bucket}/models/q")
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    with pytest.raises(FileNotFoundError, match="no such object or prefix"):
+        models.from_pretrained(f"{gcs_bucket}/models/missing")

@@ -109,3 +109,42 @@ def test_one_step_on_8_devices_equals_1_device():
                          timeout=600)
     print(res.stdout)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_non_finite_update_is_skipped_and_counted():
+    import optax
+
+    from catjax import models
+    from catjax.rl import trainer
+
+    cfg = models.get_preset("tiny_qwen3")
+    rng = np.random.default_rng(0)
+    r, p, n = 4, 8, 4
+    tokens = rng.integers(1, 500, (r, p + n)).astype(np.int32)
+    batch = dict(tokens=tokens, targets=tokens[:, p:],
+                 positions=np.broadcast_to(np.arange(p + n), (r, p + n)).astype(np.int32),
+                 key_mask=np.ones((r, p + n), bool),
+                 pred_index=np.broadcast_to(np.arange(p - 1, p + n - 1), (r, n)).astype(np.int32),
+                 mask=np.ones((r, n), np.float32), rewards=np.asarray([1, 0, 1, 0], np.float32),
+                 behaviour_logprobs=np.full((r, n), -1.0, np.float32))
+    batch["behaviour_logprobs"][1, 2] = np.nan  # a poisoned log-prob in a valid position
+    rl = trainer.RLConfig(num_rollouts=2, kl_mode="none")
+    opt = optax.adamw(1e-2)
+    params = models.init_params(cfg, jax.random.key(0))
+    before = jax.device_get(params)
+    new, _, mets = trainer.train_step(cfg, params, opt.init(params),
+                                      models.init_params(cfg, jax.random.key(0)), batch, rl=rl,
+                                      opt=opt)
+    assert float(mets["skipped"][0]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), before)
+
+
+def test_config_errors_stop_before_any_compile(tmp_path):
+    config = _tiny(1)
+    config.batch_size = 3
+    config.mesh.fsdp = 1
+    config.mesh.data = 1
+    config.round.num_rollouts = 4
+    config.rl.micro_batch = 5
+    with pytest.raises(ValueError, match="rl.micro_batch=5"):
+        main.run(config, str(tmp_path))
