@@ -1,9 +1,8 @@
 """The sampler with its batch split over a 4-device data mesh equals the single-device result."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.devices import run_on_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -26,8 +25,4 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sampling_on_a_data_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    run_on_devices(SCRIPT, 4, timeout=300)

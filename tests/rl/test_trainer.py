@@ -3,8 +3,6 @@
 import glob
 import importlib
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 
 from catjax import main, metrics
+from tests.devices import run_on_devices
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.py")))
 
@@ -103,12 +102,7 @@ EIGHT = textwrap.dedent("""
 
 
 def test_one_step_on_8_devices_equals_1_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", EIGHT], env=env, capture_output=True, text=True,
-                         timeout=600)
-    print(res.stdout)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    print(run_on_devices(EIGHT, 8))
 
 
 def test_non_finite_update_is_skipped_and_counted():
