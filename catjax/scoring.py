@@ -61,6 +61,16 @@ def token_logprobs(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_bc, targets_bc):
+    """log p(targets | prefix) read only at `pred_index` positions: the vocabulary-sized logits
+    are formed for the scored tokens, not for the whole (mostly context) sequence."""
+    hidden = models.hidden_states(cfg, params, tokens_bt)
+    hidden = jnp.take_along_axis(hidden, pred_index_bc[..., None], axis=1)
+    logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, hidden), axis=-1)
+    return jnp.take_along_axis(logp, targets_bc[..., None], axis=-1)[..., 0]
+
+
 def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], pad_id: int = 0,
                           batch_size: int = 8) -> list[np.ndarray]:
@@ -70,9 +80,14 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
     for start in range(0, len(prompts), rows):
         ps, cs = prompts[start:start + rows], continuations[start:start + rows]
         seqs = [list(p) + list(c) for p, c in zip(ps, cs, strict=True)]
-        toks = _pad(seqs, rows, bucket_length(max(len(s) for s in seqs) + 1), pad_id)
-        targets = np.concatenate([toks[:, 1:], np.full((rows, 1), pad_id, np.int32)], 1)
-        lp = np.asarray(token_logprobs(cfg, params, jnp.asarray(toks), jnp.asarray(targets)))
+        toks = _pad(seqs, rows, bucket_length(max(len(s) for s in seqs)), pad_id)
+        width = bucket_length(max(len(c) for c in cs), minimum=8)
+        pred = np.zeros((rows, width), np.int32)
+        targets = np.full((rows, width), pad_id, np.int32)
         for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
-            results.append(lp[i, len(p) - 1:len(p) - 1 + len(c)])
+            pred[i, :len(c)] = len(p) - 1 + np.arange(len(c))
+            targets[i, :len(c)] = c
+        lp = np.asarray(_gathered_logprobs(cfg, params, jnp.asarray(toks), jnp.asarray(pred),
+                                           jnp.asarray(targets)))
+        results.extend(lp[i, :len(c)] for i, c in enumerate(cs))
     return results

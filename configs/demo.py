@@ -2,8 +2,9 @@
 
     python -m catjax.main --config=configs/demo.py --workdir=runs/demo
 
-G=4 rollouts for 8 GSM8K questions, the anchor's question-blind synthesis, and every
-selection baseline, scored against gold. SmolLM2-135M is weak (it rarely boxes answers), so the
+G=4 rollouts for 8 GSM8K questions, the anchor's question-blind synthesis, and the selection
+baselines (single sample, majority vote, min perplexity, self-selected best-of-N; mutual
+predictability, the costliest on a CPU, is left to configs/eval_gsm8k.py), scored against gold. SmolLM2-135M is weak (it rarely boxes answers), so the
 answer extraction falls back to "#### n", "the answer is ..." and the last number. A few
 minutes on a 2-core laptop; a rerun reuses the records already in the workdir.
 """
@@ -16,4 +17,5 @@ def get_config(arg: str = ""):
     config.round.max_new_tokens = 192
     config.round.synthesis_max_new_tokens = 192
     config.eval.g_values = (1, 2, 4)
+    config.eval.baselines = ("majority", "min_ppl", "self_select")
     return config
