@@ -14,8 +14,8 @@ from configs import eval_gsm8k
 
 def get_config(arg: str = ""):
     config = eval_gsm8k.get_config(arg or "model=smollm2,n=8,g=4")
-    config.round.max_new_tokens = 192
-    config.round.synthesis_max_new_tokens = 192
+    config.round.max_new_tokens = 128
+    config.round.synthesis_max_new_tokens = 128
     config.eval.g_values = (1, 2, 4)
     config.eval.baselines = ("majority", "min_ppl", "self_select")
     return config
