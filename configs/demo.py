@@ -4,9 +4,10 @@
 
 G=4 rollouts for 8 GSM8K questions, the anchor's question-blind synthesis, and the selection
 baselines (single sample, majority vote, min perplexity, self-selected best-of-N; mutual
-predictability, the costliest on a CPU, is left to configs/eval_gsm8k.py), scored against gold. SmolLM2-135M is weak (it rarely boxes answers), so the
-answer extraction falls back to "#### n", "the answer is ..." and the last number. A few
-minutes on a 2-core laptop; a rerun reuses the records already in the workdir.
+predictability, the costliest on a CPU, is left to configs/eval_gsm8k.py), scored against
+gold. SmolLM2-135M is weak (it rarely boxes answers), so the answer extraction falls back to
+"#### n", "the answer is ..." and the last number. A rerun reuses the records already in the
+workdir.
 """
 
 from configs import eval_gsm8k
