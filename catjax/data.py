@@ -12,7 +12,6 @@ The code lives in `catjax.datasets`; TFDS (array_record, no TensorFlow) is impor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,19 +54,11 @@ __all__ = [
 ]
 
 
-def tfds_source(
-    name: str,
-    data_dir: str | os.PathLike[str],
-    *,
-    split: str | None = None,
-    path: str | os.PathLike[str] | None = None,
-) -> Any:
-    """The array_record data source of TFDS builder catjax_<name> ("math500", "gsm8k", "healthbench"),
-    built under `data_dir` first if needed: one split, or a dict of splits when split is None.
-    HealthBench takes `path` like `load`. Records decode with `example_from_tfds`."""
+def tfds_source(*args: Any, **kwargs: Any) -> Any:
+    """`catjax.datasets.tfds_builders.tfds_source`, imported on first use (TFDS imports slowly)."""
     from catjax.datasets import tfds_builders
 
-    return tfds_builders.tfds_source(name, data_dir, split=split, path=path)
+    return tfds_builders.tfds_source(*args, **kwargs)
 
 
 def example_from_tfds(record: Mapping[str, Any]) -> Example:

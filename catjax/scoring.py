@@ -53,15 +53,6 @@ def _pad(seqs: Sequence[Sequence[int]], rows: int, width: int, pad_id: int) -> n
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def token_logprobs(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
-                   targets_bt: jax.Array) -> jax.Array:
-    """log p(targets_bt[:, t] | tokens_bt[:, :t+1]) in float32, [B, T]."""
-    logits = models.forward(cfg, params, tokens_bt)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_bc, targets_bc):
     """log p(targets | prefix) read only at `pred_index` positions: the vocabulary-sized logits
     are formed for the scored tokens, not for the whole (mostly context) sequence."""

@@ -339,9 +339,5 @@ def num_flops_per_token(cfg: ModelConfig, context: int) -> float:
     return 2.0 * matmul_params + attn
 
 
-def cast_params(params: Params, dtype: Any) -> Params:
-    return jax.tree.map(lambda a: a.astype(dtype), params)
-
-
 def param_count(params: Params) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
