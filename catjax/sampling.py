@@ -222,9 +222,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         jnp.zeros((r, n), jnp.float32),
     )
     _, _, _, done, _, lengths, toks, lps, mlps = jax.lax.while_loop(cond, body, state)
-    stopped = jnp.isin(jnp.take_along_axis(toks, jnp.maximum(lengths - 1, 0)[:, None], 1)[:, 0],
-                       stops) & (lengths > 0)
-    return SampleOutput(toks, lengths, lps, mlps, stopped, jnp.repeat(prompt_len_b, g))
+    # `done` is set only by a stop token: rows that ran out of budget stay False.
+    return SampleOutput(toks, lengths, lps, mlps, done, jnp.repeat(prompt_len_b, g))
 
 
 def default_cache_dtype(cfg: ModelConfig) -> str:
