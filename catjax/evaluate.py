@@ -2,6 +2,8 @@
 
 Writes to the workdir: `records.jsonl` (one record per question, appended batch by batch, so a
 rerun resumes where it stopped), `summary.json`, `accuracy_vs_g.png`, and prints a table.
+A gs:// workdir: the files are written to a local mirror and uploaded as they are written
+(records after every batch); a rerun reads records.jsonl back from the bucket.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from catjax import data
+from catjax import data, storage
 from catjax.cat import answers, selection
 from catjax.cat import round as cat_round
 from catjax.cat.judges import Judge
@@ -202,7 +204,9 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     """The evaluation job behind `python -m catjax.main --config=configs/eval_*.py`."""
     from catjax import loading
 
-    os.makedirs(workdir, exist_ok=True)
+    wd = storage.Workdir(workdir)
+    os.makedirs(wd.local, exist_ok=True)
+    wd.pull("records.jsonl")  # gs://: resume from the bucket's records (fails fast, before any weights)
     if policy is None:
         policy = loading.load_model(config.model)
     rc = loading.round_config(config.round)
@@ -211,7 +215,7 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     examples = data.load(config.data.name, split=config.data.split, path=config.data.get("path"),
                          limit=config.data.limit)
     g_values = [g for g in config.eval.g_values if g <= rc.num_rollouts]
-    rec_path = os.path.join(workdir, "records.jsonl")
+    rec_path = wd.file("records.jsonl")
     done = _read_done(rec_path)
     position = {ex.id: i for i, ex in enumerate(examples)}
     todo = [ex for ex in examples if ex.id not in done]
@@ -228,14 +232,16 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
                 f.write(json.dumps(rec) + "\n")
                 done[rec["id"]] = rec
             f.flush()
+            wd.push("records.jsonl")
             bar.update(len(batch))
     recs = [done[ex.id] for ex in examples]
     if rc.task == "freeform":
         methods = ["single", *[m for m in METHODS[1:] if m in config.eval.baselines
                                and m != "majority"], "synthesis"]
         summary = summarize_scores(score_healthbench(recs, examples, judge), methods)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
+        with open(wd.file("summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        wd.push("summary.json")
         for m, v in summary["score"].items():
             print(f"{m:<14}{v['mean']:>10.3f}{v['se']:>8.3f}")
         return summary
@@ -245,12 +251,13 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     summary = summarize(scores, methods, g_values)
     summary["config"] = {"model": str(config.model.init), "num_rollouts": rc.num_rollouts,
                          "data": config.data.name, "extract_modes": list(rc.extract_modes)}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    with open(wd.file("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "scores.jsonl"), "w") as f:
+    with open(wd.file("scores.jsonl"), "w") as f:
         for r, s in zip(recs, scores, strict=True):
             f.write(json.dumps({"id": r["id"], **s}) + "\n")
-    plot_accuracy_vs_g(summary, os.path.join(workdir, "accuracy_vs_g.png"))
+    plot_accuracy_vs_g(summary, wd.file("accuracy_vs_g.png"))
+    wd.push("summary.json", "scores.jsonl", "accuracy_vs_g.png")
     print(format_table(summary))
     _print_example(recs[0])
     return summary

@@ -27,8 +27,19 @@ def smollm2_path() -> str:
     return found[0]
 
 
+def toy_path() -> str:
+    """The learning proof's toy model, shipped in the package (rebuilt by configs/toy_sft.py)."""
+    from catjax import toy
+
+    if not (toy.SHIPPED_MODEL / "config.json").exists():
+        raise FileNotFoundError(f"model.init='toy': {toy.SHIPPED_MODEL} is missing; rebuild it with "
+                                "python -m catjax.main --config=configs/toy_sft.py --workdir=runs/toy_sft")
+    return str(toy.SHIPPED_MODEL)
+
+
 def resolve_init(init: str) -> str:
-    return smollm2_path() if init == "smollm2" else init
+    """Named models ('smollm2', 'toy') to their files; anything else is a path."""
+    return {"smollm2": smollm2_path, "toy": toy_path}.get(init, lambda: init)()
 
 
 def load_model(mc: Any) -> cat_round.Model:

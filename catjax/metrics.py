@@ -1,12 +1,33 @@
-"""Metric writers: JSONL and TensorBoard event files in the workdir (process 0 only), plots."""
+"""Metric writers: JSONL and TensorBoard event files in the workdir (process 0 only), plots.
+
+A gs:// workdir is written through `storage.Workdir`: a local mirror, whose metrics.jsonl is
+fetched from the bucket at start (a resumed run appends to it) and uploaded, with the TensorBoard
+events, after every write."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 
 import jax
+
+from catjax import storage
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX tries `import torch`
+    (3 s) only to accept torch tensors, and we log floats."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` fails at once
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -14,16 +35,18 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = storage.Workdir(workdir)
         self._tb = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-            except ImportError:  # TensorBoard files are a convenience, JSONL is the record
-                self._tb = None
+        if not self.enabled:  # no local mirror: other processes never touch the workdir
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            return
+        self.path = self.workdir.file("metrics.jsonl")  # local, or the gs:// workdir's mirror
+        os.makedirs(self.workdir.local, exist_ok=True)
+        self.workdir.pull("metrics.jsonl")  # gs://: the rows of the run being resumed
+        try:
+            self._tb = _summary_writer()(self.workdir.file("tb"))
+        except ImportError:  # TensorBoard files are a convenience, JSONL is the record
+            self._tb = None
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -36,6 +59,7 @@ class MetricWriter:
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        self.workdir.push("metrics.jsonl", "tb")
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (written before a crash, redone after resume)."""
@@ -45,10 +69,12 @@ class MetricWriter:
             rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(self.path, "w") as f:
             f.writelines(rows)
+        self.workdir.push("metrics.jsonl")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self.workdir.push("tb")
 
 
 def read(path: str) -> list[dict]:

@@ -1,12 +1,26 @@
-"""Device meshes and shardings (data / fsdp / tensor axes), classic GSPMD (Auto axes)."""
+"""Device meshes and shardings (data / fsdp / tensor axes), classic GSPMD (Auto axes), and the
+multi-controller plumbing: start-up, host rows <-> global arrays, small cross-process reductions.
+
+Multi-process convention: devices are ordered process by process, so along a batch axis split
+over (data, fsdp) process p holds one contiguous block of rows, rows [p*L, (p+1)*L).
+"""
 
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import math
+import os
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -14,7 +28,9 @@ AXES = ("data", "fsdp", "tensor")
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: list | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left."""
-    devices = list(devices if devices is not None else jax.devices())
+    # Process-major (stable) order: each process's batch rows are one contiguous block.
+    devices = list(devices if devices is not None else
+                   sorted(jax.devices(), key=lambda d: d.process_index))
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError("mesh: at most one axis may be -1")
@@ -69,3 +85,156 @@ def param_shardings(shapes, logical, mesh: Mesh, rules: dict | None = None):
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(one, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
+
+
+# --- multi-controller start-up ---------------------------------------------------------------
+
+def _tpu_worker_count() -> int:
+    """Hosts of this Cloud TPU slice (1 if not on a TPU VM); never initializes a JAX backend."""
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        return 1  # no TPU chips here
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:  # GKE (JobSet) and some queued-resource setups
+        return len([h for h in hosts.split(",") if h.strip()])
+    if os.environ.get("TPU_SKIP_MDS_QUERY") is not None:  # no metadata server to ask
+        return 1
+    req = urllib.request.Request(
+        "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+        "worker-network-endpoints", headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return max(1, len([w for w in r.read().decode().split(",") if w.strip()]))
+    except OSError:  # not a GCE TPU VM (or no metadata): single host
+        return 1
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-controller run; call before any JAX computation. Returns whether it did.
+
+    Explicit arguments (any cluster, also several processes on one machine) are passed to
+    `jax.distributed.initialize`. With none: a multi-host Cloud TPU slice (several workers in
+    TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES or the VM's metadata, or a multislice
+    MEGASCALE_COORDINATOR_ADDRESS) lets JAX detect everything; otherwise it stays one process.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(a is not None for a in explicit):
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or _tpu_worker_count() > 1:
+        jax.distributed.initialize()
+    else:
+        return False
+    log.info("jax.distributed: process %d of %d, %d local / %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+# --- host data <-> global arrays -------------------------------------------------------------
+
+def is_global(tree: Any) -> bool:
+    """Whether any array of `tree` spans devices of other processes."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of the first leaf with a NamedSharding (e.g. the trainer's parameters)."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_rows: int) -> tuple[int, int]:
+    """[lo, hi): the rows (axis 0) of a global array this process holds; must be one block."""
+    spans = sorted({idx[0].indices(global_rows)[:2]
+                    for idx in sharding.addressable_devices_indices_map((global_rows,)).values()})
+    lo, hi = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > hi:
+            raise ValueError(f"this process's rows {spans} are not one block: order the mesh's "
+                             "devices process by process (parallel.make_mesh does)")
+        hi = max(hi, b)
+    return lo, hi
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's rows -> a global array split on axis 0 (rows of process p at p*len(x)).
+
+    One process: a plain `device_put`. Every process must pass the same number of rows.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    lo, hi = process_rows(sharding, global_shape[0])
+    if (lo, hi) != (jax.process_index() * x.shape[0], (jax.process_index() + 1) * x.shape[0]):
+        raise ValueError(f"process {jax.process_index()} holds rows [{lo}, {hi}) of "
+                         f"{global_shape[0]}, not its block of {x.shape[0]}: the batch axis must be "
+                         "split evenly over processes (no tensor axis across hosts)")
+    return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's block of rows, [p*L, (p+1)*L) with L = rows / processes, as host numpy,
+    read from its own shards of a global array split on axis 0 (see `host_to_global`)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    block = x.shape[0] // jax.process_count()
+    lo = jax.process_index() * block
+    shards = {}
+    for s in x.addressable_shards:  # replicas (e.g. over a tensor axis) hold the same rows
+        if s.data.shape[1:] == x.shape[1:]:
+            shards.setdefault(s.index[0].indices(x.shape[0])[:2], s)
+    spans = sorted(shards)
+    if ([a for a, _ in spans[:1]] + [b for _, b in spans[-1:]] != [lo, lo + block]
+            or any(b != a for (_, b), (a, _) in zip(spans, spans[1:], strict=False))):
+        raise ValueError(f"local_rows: process {jax.process_index()} holds rows {spans}, not its "
+                         f"block [{lo}, {lo + block}) whole: shard the array by rows first")
+    return np.concatenate([np.asarray(shards[k].data) for k in spans], 0)
+
+
+def to_host(tree: Any) -> Any:
+    """Whole arrays on every process's host (a collective when any leaf is global)."""
+    if not is_global(tree):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# --- small cross-process agreements ----------------------------------------------------------
+
+def process_max(values: Sequence[int]) -> list[int]:
+    """Element-wise max of small int vectors over processes (identity for one process)."""
+    if jax.process_count() == 1:
+        return [int(v) for v in values]
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.asarray(values, np.int32))
+    return [int(v) for v in np.asarray(got).reshape(jax.process_count(), -1).max(0)]
+
+
+def process_any(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective when there are several)."""
+    return process_max([int(bool(flag))])[0] > 0
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (two small collectives)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    size = process_max([blob.size])[0]
+    buf = np.zeros(size + 4, np.uint8)  # 4 bytes of length, then the text
+    buf[:4] = np.frombuffer(np.uint32(blob.size).tobytes(), np.uint8)
+    buf[4:4 + blob.size] = blob
+    got = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [json.loads(row[4:4 + int(row[:4].view(np.uint32)[0])].tobytes()) for row in got]

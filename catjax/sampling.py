@@ -202,6 +202,9 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
 
     def body(state):
         step, cache, logits, done, pos, lengths, toks, lps, mlps = state
+        # One key per step for all R rows: with jax_threefry_partitionable (the default since
+        # JAX 0.5) each row's bits depend only on (key, R, row), however the rows are split
+        # over devices and processes.
         tok, lp, mlp = draw(logits, jax.random.fold_in(rng, step), sp)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
@@ -222,8 +225,10 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         jnp.zeros((r, n), jnp.float32),
     )
     _, _, _, done, _, lengths, toks, lps, mlps = jax.lax.while_loop(cond, body, state)
-    # `done` is set only by a stop token: rows that ran out of budget stay False.
-    return SampleOutput(toks, lengths, lps, mlps, done, jnp.repeat(prompt_len_b, g))
+    # `done` is set only by a stop token: rows that ran out of budget stay False. Outputs stay
+    # split by rows, so each process can read its own rows back.
+    return jax.tree.map(on_batch, SampleOutput(toks, lengths, lps, mlps, done,
+                                               jnp.repeat(prompt_len_b, g)))
 
 
 def default_cache_dtype(cfg: ModelConfig) -> str:
@@ -242,12 +247,29 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
     with fixed shapes compile once. With a `mesh`, prompts, cache and rollouts are split over its
-    data-parallel axes (the prompt count is padded to a multiple of their size).
+    data-parallel axes (the prompt count is padded to a multiple of their size); by default the
+    mesh of `params` when they span several devices (the trainer's), so that one process and
+    several processes run the same partitioned program.
+
+    Multi-process (params are global arrays, or `mesh` spans other processes): every process
+    calls `sample` at the same point with its own prompts and gets back its own rows, as host
+    numpy arrays; the mesh defaults to the params'. See `_sample_multiprocess`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if jax.process_count() > 1 and (parallel.is_global(params) or (
+            mesh is not None and mesh.devices.size > jax.local_device_count())):
+        return _sample_multiprocess(
+            cfg, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+            rng=rng, sp=SamplingParams(float(temperature), int(top_k), float(top_p)),
+            stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
+            cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name,
+            prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params))
+    if mesh is None:  # params laid out on several devices: split the batch over them too
+        mesh = parallel.mesh_of(params)
+        mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
     num_prompts = len(prompts)
     if mesh is not None:
         dp = parallel.data_parallel_size(mesh)
@@ -270,6 +292,43 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
     return out
+
+
+def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *,
+                         num_samples: int, max_new_tokens: int, rng: jax.Array,
+                         sp: SamplingParams, stop_ids: tuple[int, ...], pad_id: int,
+                         cache_dtype: str, prompt_length: int | None,
+                         mesh: jax.sharding.Mesh | None) -> SampleOutput:
+    """`sample` over global (multi-process) params: this process's prompts in, its rows out.
+
+    Every process must run the same program, so they first agree on the prompt count per
+    process and the padded width (one all-gather). Process p's prompts are global rows
+    [p*L, (p+1)*L): the same global batch as one process holding all prompts in process order,
+    and the random draws, a function of (rng, global shape) only, are the same too.
+    """
+    if mesh is None:
+        raise ValueError("sample: multi-process sampling needs params on a mesh (NamedSharding)")
+    dp, procs = parallel.data_parallel_size(mesh), jax.process_count()
+    if dp % procs:
+        raise ValueError(f"sample: the mesh's {dp} data-parallel devices do not split over "
+                         f"{procs} processes")
+    local_dp = dp // procs
+    count, longest = parallel.process_max([len(prompts), max((len(p) for p in prompts), default=1)])
+    per_process = max(1, -(-count // local_dp)) * local_dp
+    # Pad this process's prompts (a process may have none) to the agreed count.
+    filler = list(prompts[-1]) if prompts else [pad_id]
+    padded = list(prompts) + [filler] * (per_process - len(prompts))
+    tokens, lengths = pad_prompts(padded, pad_id, prompt_length or bucket_length(longest))
+    if tokens.shape[1] + max_new_tokens > cfg.max_position:
+        raise ValueError(
+            f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {cfg.max_position}")
+    out = _sample(cfg, params, parallel.host_to_global(tokens, parallel.batch_sharding(mesh, 2)),
+                  parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
+                  num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                  pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh)
+    rows = len(prompts) * num_samples
+    return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 
 
 def completions(out: SampleOutput, strip_stop: bool = True) -> list[list[int]]:

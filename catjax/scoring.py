@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catjax import models
+from catjax import models, parallel
 from catjax.models import ModelConfig, Params
 from catjax.sampling import bucket_length
 
@@ -28,7 +28,13 @@ def _last_logits(cfg: ModelConfig, params: Params, tokens_bt, lengths_b):
 
 def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                       pad_id: int = 0, batch_size: int = 16) -> np.ndarray:
-    """float32 logits [B, V] of the token that would follow each prompt."""
+    """float32 logits [B, V] of the token that would follow each prompt.
+
+    Multi-process, with global params (see `is_collective`): every process calls it with its own
+    prompts (maybe none) and gets its own rows.
+    """
+    if is_collective(params):
+        return _last_token_logits_multiprocess(cfg, params, prompts, pad_id, batch_size)
     out = []
     rows = _batch_rows(len(prompts), batch_size)
     for start in range(0, len(prompts), rows):
@@ -37,6 +43,33 @@ def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
         lens = np.asarray([len(p) for p in chunk] + [1] * (rows - len(chunk)), np.int32)
         logits = _last_logits(cfg, params, jnp.asarray(toks), jnp.asarray(lens))
         out.append(np.asarray(logits)[:len(chunk)])
+    return np.concatenate(out, 0)
+
+
+def is_collective(params: Params) -> bool:
+    """Whether a forward over `params` is one program over several processes (they must all call)."""
+    return jax.process_count() > 1 and parallel.is_global(params)
+
+
+def _last_token_logits_multiprocess(cfg: ModelConfig, params: Params,
+                                    prompts: Sequence[Sequence[int]], pad_id: int,
+                                    batch_size: int) -> np.ndarray:
+    """`last_token_logits` as one program on every process: they agree on the number of chunks,
+    rows per chunk and width (one all-gather); process p's prompts are rows [p*L, (p+1)*L)."""
+    mesh = parallel.mesh_of(params)
+    local_dp = max(1, parallel.data_parallel_size(mesh) // jax.process_count())
+    count, longest = parallel.process_max([len(prompts), max((len(p) for p in prompts), default=1)])
+    rows = -(-_batch_rows(max(count, 1), batch_size) // local_dp) * local_dp
+    width, out = bucket_length(longest), []
+    for start in range(0, max(count, 1), rows):
+        chunk = list(prompts[start:start + rows])
+        toks = _pad(chunk, rows, width, pad_id)
+        lens = np.asarray([len(p) for p in chunk] + [1] * (rows - len(chunk)), np.int32)
+        logits = _last_logits(cfg, params, parallel.host_to_global(toks, parallel.batch_sharding(mesh, 2)),
+                              parallel.host_to_global(lens, parallel.batch_sharding(mesh, 1)))
+        # Row-split (the compiler may have split the vocabulary instead) to read our rows.
+        logits = jax.device_put(logits, parallel.batch_sharding(mesh, 2))
+        out.append(parallel.local_rows(logits)[:len(chunk)])
     return np.concatenate(out, 0)
 
 

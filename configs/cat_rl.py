@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.job = "train"
     c.seed = 0
     c.steps = 1000
-    c.batch_size = 32  # questions per step (x G rollouts)
+    c.batch_size = 32  # questions per step over all processes (x G rollouts)
     c.remat = True
     c.export = True
     c.peak_tflops_per_device = 0.0  # e.g. 197 (v5e bf16), 459 (v5p): logs an MFU estimate
@@ -53,15 +53,7 @@ def get_config(arg: str = ""):
         c.round.length_penalty_tokens = 750
     if task == "gsm8k":
         c.round.extract_modes = ("boxed", "gsm8k", "answer_is", "last_number")
-    c.rl = ml_collections.ConfigDict(dict(
-        epsilon=0.2, epsilon_high=None, kl_coef=1e-3, kl_mode="reward", kl_estimator="k3",
-        advantage="grpo", scale="group", loss_agg="seq_mean_token_mean", num_iterations=1,
-        micro_batch=0))
-    c.optimizer = ml_collections.ConfigDict(dict(
-        lr=5e-7, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.0,
-        clip_norm=1.0))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
+    common.train_sections(c, lr=5e-7)
     c.judge = ml_collections.ConfigDict(dict(kind="local", init="", base_url="", model=""))
     if args["runlocal"]:
         c.steps = 3

@@ -8,6 +8,8 @@ SAMPLING = {
     "qwen3_4b": dict(temperature=0.7, top_k=20, top_p=0.8),
     "llama31_8b": dict(temperature=0.7, top_k=50, top_p=0.9),
     "smollm2": dict(temperature=0.7, top_k=50, top_p=0.9),
+    # The toy model's noise is its policy: sample it as trained, untruncated.
+    "toy": dict(temperature=1.0, top_k=0, top_p=1.0),
 }
 
 
@@ -29,6 +31,7 @@ def round_section(model: str, g: int) -> ml_collections.ConfigDict:
         task="math", num_rollouts=g, max_new_tokens=1536, synthesis_max_new_tokens=1536,
         anchor_temperature=0.0, reward_mode="exact", extract_modes=("boxed",),
         rubric_min_items=5, rubric_retries=2, length_penalty_tokens=0,
+        prompt_overflow="truncate",  # prompts over the context: "truncate" (counted) | "reject"
         chat_kwargs={"no_think": True} if model.startswith("qwen3") else {}, **s))
 
 
@@ -46,3 +49,18 @@ def eval_base(args) -> ml_collections.ConfigDict:
         baselines=("majority", "min_ppl", "self_select", "mutual"), gold_compare="equivalent"))
     c.judge = ml_collections.ConfigDict(dict(kind="local", init="", base_url="", model=""))
     return c
+
+
+def train_sections(c: ml_collections.ConfigDict, lr: float) -> None:
+    """The CaT-RL trainer's policy-optimisation, optimizer, mesh and checkpoint sections (the
+    paper's GRPO settings: clip 0.2, reward-level k3 KL 1e-3, AdamW constant lr)."""
+    c.rl = ml_collections.ConfigDict(dict(
+        epsilon=0.2, epsilon_high=None, kl_coef=1e-3, kl_mode="reward", kl_estimator="k3",
+        advantage="grpo", scale="group", loss_agg="seq_mean_token_mean", num_iterations=1,
+        micro_batch=0, logprob_chunk=128))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=lr, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.0,
+        clip_norm=1.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # directory: "" = WORKDIR/checkpoints; or e.g. gs://BUCKET/ckpt with a local workdir.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, directory=""))

@@ -420,6 +420,9 @@ _EXPLOSIVE_RES = (
     re.compile(r"\^\s*\{\s*\(?\s*[\d.]+\s*\)?\s*\^"),  # numeric exponent towers: 9^{9^{9}}
     re.compile(r"\^\s*\{?\s*[-+]?\s*\d{5,}"),  # exponents with 5+ digits: 2^{123456}
     re.compile(r"!\s*!\s*!"),  # stacked factorials
+    # a factorial, Gamma or binomial of a factorial or Gamma: (12!)!, \Gamma(100!), \binom{9!}{3}
+    re.compile(r"!\s*(?:\\right\s*)?[)\]}]+\s*!"),
+    re.compile(r"\\(?:Gamma|[dt]?binom)\s*(?:\\left\s*)?[({][^(){}]*(?:!|\\Gamma)"),
 )
 _COMBINATORIAL_RE = re.compile(r"!|\\Gamma(?![A-Za-z])|\\binom|\\choose|\\dbinom|\\tbinom")
 _BIG_LITERAL_RE = re.compile(r"\d{4,}|\^", re.ASCII)

@@ -312,4 +312,9 @@ class HTTPJudge(Judge):
         if errors:  # one line per batch, not per pair: a down judge must not flood the log
             _log.warning("judge %s unreachable for %d/%d pairs (last: %s); scored as not met",
                          self.url, len(errors), len(pairs), errors[-1])
+        no_verdict = [v for v, err in results if err is None and v.met is None]
+        if no_verdict:  # replies that were not chat completions or held no verdict, re-asked
+            _log.warning("judge %s gave no verdict for %d/%d pairs after %d ask(s) (last reply: %r); "
+                         "scored as not met", self.url, len(no_verdict), len(pairs),
+                         self.verdict_retries + 1, " ".join(no_verdict[-1].raw.split())[:200])
         return [v for v, _ in results]

@@ -42,10 +42,13 @@ class LocalJudge(Judge):
             raise ValueError("judge tokenizer gives 'yes' and 'no' the same first token")
 
     def judge(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        if not pairs:
+        if not pairs and not scoring.is_collective(self.params):  # else join the others' forward
             return []
-        ids = [self.tokenizer.chat(prompts.judge(c, r), add_generation_prompt=True,
-                                   **self.chat_kwargs) + self.prefill for c, r in pairs]
+        specials = getattr(self.tokenizer, "specials", None) or ()
+        ids = [self.tokenizer.chat(
+            [{**m, "content": prompts.fence_specials(m["content"], specials)}
+             for m in prompts.judge(c, r)], add_generation_prompt=True, **self.chat_kwargs)
+            + self.prefill for c, r in pairs]
         logits = scoring.last_token_logits(self.cfg, self.params, ids, self.tokenizer.pad_id,
                                            self.batch_size)
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)

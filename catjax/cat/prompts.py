@@ -7,15 +7,19 @@ rollout cannot close its block early, open a fake one, or pass for the prompt's 
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Messages = list[dict[str, str]]
 
 # Tags we use to delimit model text; anything resembling them inside that text is defused.
 _OUR_TAGS = ("response", "reference", "criterion", "rubric", "verdict", "conversation",
              "candidate")
-_TAG_LIKE = re.compile(r"<\s*/?\s*(" + "|".join(_OUR_TAGS) + r")\b[^>]*>", re.IGNORECASE)
+# Attribute runs are bounded, so a flood of unterminated "<response" costs linear time; past the
+# bound (or without a ">") the "<" alone is defused.
+_TAG_LIKE = re.compile(r"<(\s*/?\s*(?:" + "|".join(_OUR_TAGS) + r")\b[^<>]{0,200})(>?)",
+                       re.IGNORECASE)
 # Chat-format control tokens spelled out in text (`<|im_end|>`, `<end_of_turn>`): a rendered chat
 # is tokenized with special tokens recognised, so these must not survive in model text.
 _CONTROL_LIKE = re.compile(r"<\|[^<>|]{1,40}\|>|<(?:start_of_turn|end_of_turn|bos|eos|pad)>")
@@ -28,7 +32,38 @@ def fence(text: str) -> str:
     parses as structure (for us or for the tokenizer).
     """
     text = _CONTROL_LIKE.sub(lambda m: "‹" + m.group(0)[1:-1] + "›", text)
-    return _TAG_LIKE.sub(lambda m: "‹" + m.group(0)[1:-1] + "›", text)
+    return _TAG_LIKE.sub(lambda m: "‹" + m.group(1) + ("›" if m.group(2) else ""), text)
+
+
+def fence_specials(text: str, specials: Iterable[str]) -> str:
+    """Defuse every spelling of one tokenizer's special tokens in `text` (`<file_sep>`, `[INST]`).
+
+    A rendered chat is encoded with special tokens recognised; our templates spell none, so
+    applying this to whole message contents leaves only the chat format's own control tokens.
+    `<x>` becomes `‹x›`, `[X]` becomes `[\u200bX]`. One pass over `text` for the usual shapes.
+    """
+    shaped, other = _special_sets(frozenset(specials))
+    if shaped:
+        text = _SPECIAL_SHAPE.sub(lambda m: _defused(m.group(0)) if m.group(0) in shaped
+                                  else m.group(0), text)
+    for s in other:
+        if s in text:
+            text = text.replace(s, _defused(s))
+    return text
+
+
+_SPECIAL_SHAPE = re.compile(r"<[^<>\s]{1,80}>|\[[^\[\]\s]{1,80}\]")
+
+
+def _defused(s: str) -> str:
+    return "‹" + s[1:-1] + "›" if s[0] == "<" and s[-1] == ">" else s[0] + "\u200b" + s[1:]
+
+
+@functools.lru_cache(maxsize=8)
+def _special_sets(specials: frozenset[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    shaped = frozenset(s for s in specials if _SPECIAL_SHAPE.fullmatch(s))
+    other = sorted((s for s in specials - shaped if len(s) > 1), key=len, reverse=True)
+    return shaped, tuple(other)
 
 
 def _blocks(tag: str, texts: Sequence[str]) -> str:
@@ -43,7 +78,9 @@ MATH_PROBLEM = (
 )
 
 
-def math_problem(question: str) -> Messages:
+def math_problem(question: str, style: str = "default") -> Messages:
+    if style == "toy":
+        return [{"role": "user", "content": TOY_PROBLEM.format(question=question)}]
     return [{"role": "user", "content": MATH_PROBLEM.format(question=question)}]
 
 
@@ -72,13 +109,28 @@ FREEFORM_SYNTHESIS = (
 )
 
 
-def synthesis(rollouts: Sequence[str], kind: str = "math") -> Messages:
+def synthesis(rollouts: Sequence[str], kind: str = "math", style: str = "default") -> Messages:
     """The anchor's synthesis request over G rollouts (question-blind, as in the paper)."""
+    if style == "toy":
+        body = TOY_SEPARATOR.join(_TOY_STRUCTURE.sub("", t) for t in rollouts)
+        return [{"role": "user", "content": TOY_SYNTHESIS.format(responses=body)}]
     template = {"math": MATH_SYNTHESIS, "freeform": FREEFORM_SYNTHESIS}.get(kind)
     if template is None:
         raise ValueError(f"synthesis kind {kind!r}: use 'math' or 'freeform'")
     text = template.format(n=len(rollouts), responses=_blocks("response", rollouts))
     return [{"role": "user", "content": text}]
+
+
+# --- the synthetic toy task (catjax/toy.py) --------------------------------------------------
+# A tiny model trained from scratch on the toy task reads no English: its prompts are a marker
+# and the bare text. `Q:` asks for a solution, `S:` for a synthesis of `|`-separated rollouts;
+# the markers and the separator are removed from rollout text so it cannot fake the structure.
+
+STYLES = ("default", "toy")
+TOY_PROBLEM = "Q:{question}"
+TOY_SYNTHESIS = "S:{responses}"
+TOY_SEPARATOR = "|"
+_TOY_STRUCTURE = re.compile(r"[|]|[QSA]:")
 
 
 # --- rubrics and judging ---------------------------------------------------------------------
@@ -133,5 +185,6 @@ def self_select(rollouts: Sequence[str]) -> Messages:
 TEMPLATES = {
     "math_problem": MATH_PROBLEM, "math_synthesis": MATH_SYNTHESIS,
     "freeform_synthesis": FREEFORM_SYNTHESIS, "rubric_proposal": RUBRIC_PROPOSAL,
-    "judge": JUDGE, "self_select": SELF_SELECT,
+    "judge": JUDGE, "self_select": SELF_SELECT, "toy_problem": TOY_PROBLEM,
+    "toy_synthesis": TOY_SYNTHESIS,
 }

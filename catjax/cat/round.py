@@ -9,11 +9,16 @@ Choices the paper leaves open (documented, configurable):
   gives every rollout of its group reward 0 (counted as `synthesis_no_answer`).
 - Rubric: retried, then a single equivalence criterion (see `rubrics.propose_rubric`);
   unparsable verdicts count as not met (see `rubrics.rubric_reward`).
+- Prompts longer than the model's context (`round.prompt_overflow`): "truncate" (default) cuts
+  them to fit, counted as `prompt_truncated` with one warning line per round; "reject" stops
+  with one line. A synthesis prompt keeps every rollout's end (where its final answer is) and
+  drops the starts of the longest rollouts first; other prompts lose their middle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +26,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from catjax import sampling
+from catjax import faults, sampling
 from catjax.cat import answers, prompts, rubrics
 from catjax.cat.judges import Judge
 from catjax.models import ModelConfig, Params
+
+_log = logging.getLogger(__name__)
+PROMPT_OVERFLOW = ("truncate", "reject")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,8 @@ class RoundConfig:
     rubric_retries: int = 2
     length_penalty_tokens: int = 0  # > 0: reward -1 over this many tokens (paper: 750)
     chat_kwargs: tuple[tuple[str, Any], ...] = ()  # e.g. (("no_think", True),) for Qwen 3
+    prompt_style: str = "default"  # "default" (English templates) | "toy" (the synthetic task)
+    prompt_overflow: str = "truncate"  # prompts over the context: "truncate" (counted) | "reject"
 
     def __post_init__(self):
         if self.task not in ("math", "freeform"):
@@ -64,6 +74,11 @@ class RoundConfig:
                              f"choose from {sorted(answers.EXTRACTORS)}")
         if self.num_rollouts < 1:
             raise ValueError(f"round.num_rollouts={self.num_rollouts} must be >= 1")
+        if self.prompt_style not in prompts.STYLES:
+            raise ValueError(f"round.prompt_style={self.prompt_style!r}: use one of {prompts.STYLES}")
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ValueError(f"round.prompt_overflow={self.prompt_overflow!r}: use one of "
+                             f"{PROMPT_OVERFLOW}")
 
 
 @dataclasses.dataclass
@@ -75,23 +90,135 @@ class RoundResult:
     metrics: dict[str, float]
 
 
-def policy_prompt(example: Any, task: str) -> list[dict[str, str]]:
+def policy_prompt(example: Any, task: str, style: str = "default") -> list[dict[str, str]]:
     if task == "math":
-        return prompts.math_problem(example.question)
+        return prompts.math_problem(example.question, style)
     return [dict(m) for m in example.messages]
 
 
+# --- prompts that must fit the model's context ------------------------------------------------
+
+def chat_ids(tokenizer: Any, messages: prompts.Messages, chat_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a conversation (generation prompt added) whose contents cannot spell one of
+    the tokenizer's special tokens: only the chat format itself puts control tokens in."""
+    specials = getattr(tokenizer, "specials", None) or ()
+    safe = [{**m, "content": prompts.fence_specials(m["content"], specials)} for m in messages]
+    return tokenizer.chat(safe, add_generation_prompt=True, **(chat_kwargs or {}))
+
+
+def prompt_budget(cfg: ModelConfig, max_new_tokens: int) -> int:
+    """The longest prompt (tokens) the sampler takes before `max_new_tokens` more: its padded
+    width (`sampling.bucket_length`) plus the new tokens must fit `cfg.max_position`."""
+    lo, hi = 0, cfg.max_position - max_new_tokens
+    while lo < hi:  # the largest n with bucket_length(n) + max_new_tokens <= max_position
+        mid = (lo + hi + 1) // 2
+        if sampling.bucket_length(mid) + max_new_tokens <= cfg.max_position:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _too_long(what: str, n: int, budget: int, cfg: ModelConfig, max_new: int) -> ValueError:
+    return ValueError(f"round.prompt_overflow='reject': a {what} prompt of {n} tokens does not fit "
+                      f"the model's context of {cfg.max_position} with {max_new} new tokens "
+                      f"(at most {budget} prompt tokens); shorten it or use 'truncate'")
+
+
+def fit_prompt(ids: list[int], budget: int, tokenizer: Any, rc: RoundConfig, what: str,
+               cfg: ModelConfig, max_new: int) -> tuple[list[int], bool]:
+    """`ids` if they fit; else (truncate) the first quarter and the end with a mark between, or
+    (reject) a one-line ValueError. Returns (ids, whether they were cut)."""
+    if len(ids) <= budget:
+        return ids, False
+    if rc.prompt_overflow == "reject" or budget < 1:
+        raise _too_long(what, len(ids), budget, cfg, max_new)
+    mark = tokenizer.encode(" [...] ") if rc.prompt_style != "toy" else []
+    if budget <= 2 * len(mark):
+        mark = []
+    head = (budget - len(mark)) // 4
+    tail = budget - len(mark) - head
+    return ids[:head] + mark + ids[len(ids) - tail:], True
+
+
+def _cap(lengths: Sequence[int], avail: int) -> int:
+    """The largest per-item cap c with sum(min(len, c)) <= avail (short items stay whole)."""
+    lo, hi = 0, max(lengths, default=0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(n, mid) for n in lengths) <= avail:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def synthesis_prompt(tokenizer: Any, group: Sequence[str], kind: str, rc: RoundConfig,
+                     budget: int, cfg: ModelConfig) -> tuple[list[int], bool]:
+    """Token ids of the synthesis request over `group`, cut to `budget` tokens if need be.
+
+    Truncation keeps each rollout's end (its final answer) and shortens the longest rollouts
+    first, marking each cut with "[...]"; the prompt's own structure is never cut."""
+    chat_kwargs = dict(rc.chat_kwargs)
+
+    def render(texts: Sequence[str]) -> list[int]:
+        return chat_ids(tokenizer, prompts.synthesis(list(texts), kind, rc.prompt_style),
+                        chat_kwargs)
+
+    ids = render(group)
+    if len(ids) <= budget:
+        return ids, False
+    max_new = rc.synthesis_max_new_tokens
+    if rc.prompt_overflow == "reject":
+        raise _too_long("synthesis", len(ids), budget, cfg, max_new)
+    overhead = len(render([""] * len(group)))
+    if overhead >= budget:
+        raise ValueError(f"round: the synthesis prompt of {len(group)} empty rollouts is already "
+                         f"{overhead} tokens, over the {budget} the model's context of "
+                         f"{cfg.max_position} leaves beside round.synthesis_max_new_tokens={max_new}")
+    mark = "[...] " if rc.prompt_style != "toy" else ""
+    n_mark = len(tokenizer.encode(mark)) if mark else 0
+    toks = [tokenizer.encode(t) for t in group]
+    avail = budget - overhead
+    for _ in range(8):  # rendering (fences, merges at the cut) can shift counts: shrink, retry
+        cap = _cap([len(t) for t in toks], max(avail, 0))
+        texts = [text if len(t) <= cap else mark + tokenizer.decode(t[len(t) - max(cap - n_mark, 0):])
+                 for text, t in zip(group, toks, strict=True)]
+        ids = render(texts)
+        if len(ids) <= budget:
+            return ids, True
+        avail -= len(ids) - budget
+    ids = render([mark] * len(group))
+    if len(ids) > budget:
+        raise ValueError(f"round: cannot fit the synthesis prompt into {budget} tokens")
+    return ids, True
+
+
+def _warn_truncated(n: int, what: str, cfg: ModelConfig) -> None:
+    if n:
+        _log.warning("round: cut %d %s prompt(s) to fit the model's context of %d tokens "
+                     "(round.prompt_overflow='truncate'; counted as prompt_truncated)", n, what,
+                     cfg.max_position)
+
+
 def synthesize(anchor: Model, rollout_texts: Sequence[Sequence[str]], task: str, rng: jax.Array,
-               rc: RoundConfig) -> list[str]:
-    """The anchor's reference for each group of rollouts (question-blind)."""
+               rc: RoundConfig, counts: Counter | None = None) -> list[str]:
+    """The anchor's reference for each group of rollouts (question-blind). Synthesis prompts
+    over the context follow `rc.prompt_overflow`; cuts are added to `counts["prompt_truncated"]`."""
     kind = "math" if task == "math" else "freeform"
-    convs = [prompts.synthesis(list(group), kind) for group in rollout_texts]
-    texts, _ = sampling.sample_text(
-        anchor.cfg, anchor.params, anchor.tokenizer, convs,
+    tok = anchor.tokenizer
+    budget = prompt_budget(anchor.cfg, rc.synthesis_max_new_tokens)
+    fitted = [synthesis_prompt(tok, group, kind, rc, budget, anchor.cfg) for group in rollout_texts]
+    cut = sum(c for _, c in fitted)
+    _warn_truncated(cut, "synthesis", anchor.cfg)
+    if counts is not None:
+        counts["prompt_truncated"] += cut
+    out = sampling.sample(
+        anchor.cfg, anchor.params, [ids for ids, _ in fitted], num_samples=1,
         max_new_tokens=rc.synthesis_max_new_tokens, rng=rng, temperature=rc.anchor_temperature,
         top_k=rc.top_k if rc.anchor_temperature else 0,
-        top_p=rc.top_p if rc.anchor_temperature else 1.0, chat_kwargs=dict(rc.chat_kwargs))
-    return [t[0] for t in texts]
+        top_p=rc.top_p if rc.anchor_temperature else 1.0, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+    return [tok.decode(ids) for ids in sampling.completions(out)]
 
 
 def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Array,
@@ -100,15 +227,22 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
     g = rc.num_rollouts
     k_roll, k_syn = jax.random.split(rng)
     tok = policy.tokenizer
-    prompt_ids = [tok.chat(policy_prompt(ex, rc.task), add_generation_prompt=True,
-                           **dict(rc.chat_kwargs)) for ex in examples]
+    prompt_ids = [chat_ids(tok, policy_prompt(ex, rc.task, rc.prompt_style), dict(rc.chat_kwargs))
+                  for ex in examples]
+    budget = prompt_budget(policy.cfg, rc.max_new_tokens)
+    fitted = [fit_prompt(ids, budget, tok, rc, "policy", policy.cfg, rc.max_new_tokens)
+              for ids in prompt_ids]
+    prompt_ids = [ids for ids, _ in fitted]
+    overflow: Counter = Counter(prompt_truncated=sum(c for _, c in fitted))
+    _warn_truncated(overflow["prompt_truncated"], "policy", policy.cfg)
     out = sampling.sample(policy.cfg, policy.params, prompt_ids, num_samples=g,
                           max_new_tokens=rc.max_new_tokens, rng=k_roll,
                           temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
                           stop_ids=tok.eos_ids, pad_id=tok.pad_id)
     flat = [tok.decode(ids) for ids in sampling.completions(out)]
+    faults.point("rollout")  # crash tests only (CATJAX_FAULT); a no-op otherwise
     groups = [flat[i * g:(i + 1) * g] for i in range(len(examples))]
-    references = synthesize(anchor, groups, rc.task, k_syn, rc)
+    references = synthesize(anchor, groups, rc.task, k_syn, rc, overflow)
     lengths = np.asarray(out.lengths)
     metrics: Counter = Counter()
     records = []
@@ -133,26 +267,35 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
         if judge is None:
             raise ValueError("round.task='freeform' needs a judge")
         rewards, records = _freeform_rewards(anchor, judge, examples, groups, references,
-                                             lengths, rc, metrics)
+                                             lengths, rc, metrics, overflow)
     n = max(len(examples), 1)
     summary = {k: v / (n if k.startswith("synthesis") else n * g) for k, v in metrics.items()}
+    summary["prompt_truncated"] = float(overflow["prompt_truncated"])  # a count, not a rate
     return RoundResult(out, prompt_ids, rewards, records, summary)
 
 
-def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array):
+def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array, counts: Counter | None = None):
     """A batch of chat conversations -> one greedy completion each (for rubric proposals)."""
     def generate(convs: list[list[dict]]) -> list[str]:
-        texts, _ = sampling.sample_text(anchor.cfg, anchor.params, anchor.tokenizer, convs,
-                                        max_new_tokens=rc.synthesis_max_new_tokens, rng=rng,
-                                        temperature=0.0, chat_kwargs=dict(rc.chat_kwargs))
-        return [t[0] for t in texts]
+        tok, max_new = anchor.tokenizer, rc.synthesis_max_new_tokens
+        budget = prompt_budget(anchor.cfg, max_new)
+        fitted = [fit_prompt(chat_ids(tok, c, dict(rc.chat_kwargs)),
+                             budget, tok, rc, "rubric", anchor.cfg, max_new) for c in convs]
+        if counts is not None:
+            counts["prompt_truncated"] += sum(cut for _, cut in fitted)
+        _warn_truncated(sum(cut for _, cut in fitted), "rubric", anchor.cfg)
+        out = sampling.sample(anchor.cfg, anchor.params, [ids for ids, _ in fitted],
+                              max_new_tokens=max_new, rng=rng, temperature=0.0,
+                              stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+        return [tok.decode(ids) for ids in sampling.completions(out)]
     return generate
 
 
-def _freeform_rewards(anchor, judge, examples, groups, references, lengths, rc, metrics):
+def _freeform_rewards(anchor, judge, examples, groups, references, lengths, rc, metrics,
+                      overflow=None):
     g = rc.num_rollouts
     criteria, rstats = rubrics.propose_rubric(
-        _anchor_generate(anchor, rc, jax.random.key(0)), list(references),
+        _anchor_generate(anchor, rc, jax.random.key(0), overflow), list(references),
         min_items=rc.rubric_min_items, retries=rc.rubric_retries)
     for k, v in rstats.as_metrics().items():
         metrics[f"synthesis_rubric_{k}"] += v

@@ -23,6 +23,7 @@ from xml.etree.ElementTree import ParseError
 import defusedxml
 import defusedxml.ElementTree as safe_et
 
+from catjax import parallel
 from catjax.cat import prompts
 
 _log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def propose_rubric(
     pending = list(range(len(references)))
     last_error: dict[int, str] = {}
     for _ in range(1 + max(retries, 0)):
-        if not pending:
+        # Multi-process, `generate` is a collective: all processes go on while any has failures.
+        if not parallel.process_any(bool(pending)):
             break
         outputs = generate([chats[i] for i in pending])
         if len(outputs) != len(pending):

@@ -1,8 +1,13 @@
-"""Per-host sharding and a deterministic, exactly resumable epoch iterator.
+"""Deterministic, exactly resumable batch order over a whole dataset, and its per-process slices.
 
-Multi-host use: every process calls `shard(examples, jax.process_index(), jax.process_count())` and then
-`batches(my_shard, per_host_batch, seed, start_step=step)` with the same seed and step. No state needs
+Multi-host use: every process calls `process_batches(examples, global_batch, seed, start_step=step,
+process_index=jax.process_index(), process_count=jax.process_count())`. The global batch of each step
+is the same as `batches(examples, global_batch, seed)` gives one process (a function of (seed, step)
+over the whole dataset), and process p takes its contiguous part [p*b, (p+1)*b), b = global_batch /
+process_count, indexing only those items (a lazy, random-access source is read only there). So any
+process count trains on the same global batches, in the same row order. No state needs
 checkpointing beyond the step number: where a step falls is pure arithmetic (`step_position`).
+`shard` (a strided split of the dataset itself) remains for jobs without a global order.
 """
 
 from __future__ import annotations
@@ -65,17 +70,36 @@ def batches(examples: Sequence[T], batch_size: int, seed: int, start_step: int =
     `batches(x, b, s, start_step=k)` yields exactly what a fresh iterator yields from its k-th step on.
     Take a finite number of steps with `itertools.islice`.
     """
+    return process_batches(examples, batch_size, seed, start_step=start_step)
+
+
+def process_batches(examples: Sequence[T], global_batch_size: int, seed: int, *, start_step: int = 0,
+                    process_index: int = 0, process_count: int = 1) -> Iterator[list[T]]:
+    """Process `process_index`'s contiguous part of each global batch of `batches(examples,
+    global_batch_size, seed, start_step)`: items [p*b, (p+1)*b) of it, b = global / process_count.
+
+    Concatenating the parts of processes 0..process_count-1 gives exactly the global batch, so the
+    data (and its order) of a step do not depend on the number of processes.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} does not split over {process_count} "
+                         "processes")
     n = len(examples)
-    epoch, offset = step_position(start_step, n, batch_size)  # validates here, not at the first next()
+    epoch, offset = step_position(start_step, n, global_batch_size)  # validates now, not at next()
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    return _batches(examples, batch_size, seed, epoch, offset)
+    local = global_batch_size // process_count
+    return _batches(examples, global_batch_size, seed, epoch, offset,
+                    (process_index * local, (process_index + 1) * local))
 
 
-def _batches(examples: Sequence[T], batch_size: int, seed: int, epoch: int, offset: int) -> Iterator[list[T]]:
+def _batches(examples: Sequence[T], batch_size: int, seed: int, epoch: int, offset: int,
+             part: tuple[int, int]) -> Iterator[list[T]]:
     end = steps_per_epoch(len(examples), batch_size) * batch_size
     while True:
         order = epoch_order(len(examples), seed, epoch)
         for lo in range(offset, end, batch_size):
-            yield [examples[i] for i in order[lo : lo + batch_size]]
+            yield [examples[i] for i in order[lo + part[0] : lo + part[1]]]
         epoch, offset = epoch + 1, 0

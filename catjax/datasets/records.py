@@ -251,7 +251,7 @@ READERS: dict[str, Callable[[str | os.PathLike[str]], list[Example]]] = {
     "gsm8k": read_gsm8k,
     "healthbench": read_healthbench,
 }
-NAMES = tuple(_NAME_FORMAT)
+NAMES = (*_NAME_FORMAT, "toy", "arith")  # toy, arith: generated in code (catjax/datasets/toy.py)
 
 
 def healthbench_default_path() -> str | None:
@@ -297,6 +297,10 @@ def load(
     (the whole file is still validated)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
+    if str(name_or_path) in ("toy", "arith"):
+        from catjax.datasets import toy
+
+        return toy.load(split, limit) if name_or_path == "toy" else toy.arithmetic(split, limit)
     if str(name_or_path) in _NAME_FORMAT:
         fmt, file = resolve(str(name_or_path), split, path)
         if format is not None and format != fmt:

@@ -1,7 +1,9 @@
 """CaT-RL: the GRPO trainer. One readable loop, one donated, jitted update.
 
-Each step: a batch of questions (this process's shard) -> one CaT round (policy rollouts, the
-frozen anchor's synthesis, rewards) -> GRPO loss against the anchor -> an Optax AdamW update.
+Each step: a batch of questions (this process's contiguous part of the global batch) -> one CaT
+round (policy rollouts, the frozen anchor's synthesis, rewards) -> GRPO loss against the anchor ->
+an Optax AdamW update. Several processes (multi-host) train exactly as one process would on the
+same global batch; metrics and plots come from process 0, checkpoints from all.
 Policy, anchor and (local) judge live in one process on one mesh: the sampler reads the very
 arrays the optimizer updates, no weight copies. Randomness is `fold_in(seed, step)`, and the
 data order is pure arithmetic of (seed, step), so a run resumed from step k continues exactly
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from catjax import checkpoint, data, metrics, models, parallel, sampling
+from catjax import checkpoint, data, faults, metrics, models, parallel, sampling
 from catjax.cat import round as cat_round
 from catjax.models import ModelConfig, Params
 from catjax.rl import grpo
@@ -43,6 +45,7 @@ class RLConfig:
     loss_agg: str = "seq_mean_token_mean"
     num_iterations: int = 1
     micro_batch: int = 0  # rows per gradient micro-batch; 0 = all rows at once
+    logprob_chunk: int = 128  # completion tokens per row scored at once; 0 = all at once
 
     def __post_init__(self):
         if self.kl_mode not in ("reward", "loss", "none"):
@@ -54,6 +57,8 @@ class RLConfig:
                              f"{sorted(grpo.LOSS_AGGREGATIONS)}")
         if self.num_iterations < 1:
             raise ValueError(f"rl.num_iterations={self.num_iterations} must be >= 1")
+        if self.logprob_chunk < 0:
+            raise ValueError(f"rl.logprob_chunk={self.logprob_chunk} must be >= 0 (0: unchunked)")
 
 
 def make_optimizer(oc: Any, total_steps: int) -> optax.GradientTransformation:
@@ -71,19 +76,21 @@ def make_optimizer(oc: Any, total_steps: int) -> optax.GradientTransformation:
 
 # --- the training batch ----------------------------------------------------------------------
 
-def build_batch(res: cat_round.RoundResult, num_rollouts: int, pad_id: int) -> dict[str, np.ndarray]:
+def build_batch(res: cat_round.RoundResult, num_rollouts: int, pad_id: int,
+                width: int | None = None) -> dict[str, np.ndarray]:
     """Prompt + completion rows for the loss: right-padded prompt [P], then the completion [N].
 
     `positions` skip the prompt padding and `key_mask` hides it, so every row sees exactly the
     sequence the sampler produced. `pred_index[r, j]` is where the logits for completion token
-    j are read (the prompt's last token for j = 0).
+    j are read (the prompt's last token for j = 0). `width` (default: the bucket of the longest
+    prompt) must be the same on every process of a multi-process run.
     """
     out = res.rollouts
     comp = np.asarray(out.tokens)
     lengths = np.asarray(out.lengths)
     r, n = comp.shape
     prompt_len = np.repeat(np.asarray([len(p) for p in res.prompt_ids], np.int32), num_rollouts)
-    width = sampling.bucket_length(int(prompt_len.max()))
+    width = width or sampling.bucket_length(int(prompt_len.max()))
     prompts = np.full((r, width), pad_id, np.int32)
     for i, p in enumerate(res.prompt_ids):
         prompts[i * num_rollouts:(i + 1) * num_rollouts, :len(p)] = p
@@ -99,16 +106,38 @@ def build_batch(res: cat_round.RoundResult, num_rollouts: int, pad_id: int) -> d
                 behaviour_logprobs=np.asarray(out.model_logprobs, np.float32))
 
 
-def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict) -> jax.Array:
-    """float32 log-probs [R, N] of the completion tokens; logits only at the scored positions."""
+def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict,
+                        chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """float32 log-probs and entropies [R, N] of the completion tokens; logits only at the scored
+    positions, for `chunk` completion tokens of every row at a time (0: all N at once).
+
+    Full-vocabulary float32 logits are the update's largest activation (~0.9 GiB per 1536-token
+    row at a 152k vocabulary, times the log-softmax and its gradient): chunked, only [R, chunk, V]
+    is live, and the backward pass recomputes a chunk's logits (`jax.checkpoint`) instead of
+    storing them. The values are the unchunked ones; a remainder (chunk not dividing N) is one
+    more, smaller chunk.
+    """
     hidden = models.hidden_states(cfg, params, batch["tokens"], positions_bt=batch["positions"],
                                   mask_bt=batch["key_mask"])
     hidden = jnp.take_along_axis(hidden, batch["pred_index"][..., None], axis=1)
-    logits = models.logits_from_hidden(cfg, params, hidden)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    lp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    return lp, ent
+
+    def score(h_btd: jax.Array, t_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, h_btd), axis=-1)
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return jnp.take_along_axis(logp, t_bt[..., None], axis=-1)[..., 0], ent
+
+    if not chunk or chunk >= hidden.shape[1]:
+        return score(hidden, batch["targets"])
+
+    def position(ht: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lp, ent = score(ht[0][:, None], ht[1][:, None])  # one completion position of every row
+        return lp[:, 0], ent[:, 0]
+
+    # Positions first: lax.map vmaps `position` over `chunk` of them per step (the remainder in
+    # a last vmap); rows stay the batch axis, sharded as before.
+    lp, ent = jax.lax.map(jax.checkpoint(position), (jnp.swapaxes(hidden, 0, 1), batch["targets"].T),
+                          batch_size=chunk)
+    return lp.T, ent.T
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rl", "opt"), donate_argnums=(1, 2))
@@ -116,26 +145,30 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
                rl: RLConfig, opt: optax.GradientTransformation):
     """GRPO update(s) on one batch of rollouts. Non-finite loss or gradients: skipped."""
     mask = batch["mask"]
-    ref_lp, _ = completion_logprobs(cfg, jax.lax.stop_gradient(anchor), batch)
-    ref_lp = jax.lax.stop_gradient(ref_lp)
+    rows = mask.shape[0]
+    mb = rl.micro_batch or rows
+    if rows % mb:
+        raise ValueError(f"rl.micro_batch={mb} does not divide the {rows} rollout rows")
+    split = lambda tree: jax.tree.map(lambda x: x.reshape(rows // mb, mb, *x.shape[1:]), tree)
+    # The anchor's pass goes micro-batch by micro-batch too, so the update's peak memory scales
+    # with rl.micro_batch, not with the batch.
+    anchor = jax.lax.stop_gradient(anchor)
+    ref_lp = jax.lax.map(lambda b: completion_logprobs(cfg, anchor, b, rl.logprob_chunk)[0],
+                         split(batch))
+    ref_lp = jax.lax.stop_gradient(ref_lp.reshape(mask.shape))
     old_lp = batch["behaviour_logprobs"]
     rewards = batch["rewards"]
     if rl.kl_mode == "reward":
         rewards = grpo.kl_penalized_rewards(rewards, old_lp, ref_lp, mask, rl.kl_coef,
                                             rl.kl_estimator)
     adv = grpo.advantages(rewards, rl.num_rollouts, rl.advantage, rl.scale)
-    rows = mask.shape[0]
-    mb = rl.micro_batch or rows
-    if rows % mb:
-        raise ValueError(f"rl.micro_batch={mb} does not divide the {rows} rollout rows")
-    chunks = jax.tree.map(lambda x: x.reshape(rows // mb, mb, *x.shape[1:]),
-                          dict(batch, adv=adv, ref_lp=ref_lp, old_lp=old_lp))
+    chunks = split(dict(batch, adv=adv, ref_lp=ref_lp, old_lp=old_lp))
     loss_kw = dict(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg,
                    kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
                    kl_estimator=rl.kl_estimator, max_tokens=mask.shape[1])
 
     def micro(p, mbatch):
-        lp, ent = completion_logprobs(cfg, p, mbatch)
+        lp, ent = completion_logprobs(cfg, compute_params(cfg, p), mbatch, rl.logprob_chunk)
         num, den, mets = grpo.policy_loss_terms(
             lp, mbatch["old_lp"], mbatch["adv"], mbatch["mask"], ref_logprobs_rt=mbatch["ref_lp"],
             **loss_kw)
@@ -149,14 +182,21 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
         def acc(c, mbatch):
             g, den, mets = c
             (_, (d, m)), gi = jax.value_and_grad(micro, has_aux=True)(params, mbatch)
-            g = jax.tree.map(jnp.add, g, gi)
+            g = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g, gi)
             return (g, den + d, grpo.sum_metrics(mets, m)), None
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # Micro-batch gradients add up in float32 (a bf16 running sum loses the low bits of every
+        # addend), then are rounded once to the parameters' dtype, as an unsplit bf16 gradient is.
+        # AdamW's moments stay in that dtype, opt.init's: float32 moments would double the
+        # persistent optimizer state of a bf16 model and change its checkpoints.
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                             params)
         first = jax.tree.map(lambda x: x[0], chunks)
         _, (d0, m0) = jax.eval_shape(micro, params, first)
         m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
         (grads, den, mets), _ = jax.lax.scan(acc, (zeros, jnp.float32(0.0), m_zero), chunks)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1.0), grads)
+        # Back to the parameters' dtype: float32 gradients would turn bf16 AdamW moments into
+        # float32 and break the scan's carry types.
+        grads = jax.tree.map(lambda g, p: (g / jnp.maximum(den, 1.0)).astype(p.dtype), grads, params)
         loss_sum = mets["loss"][0]
         gnorm = optax.global_norm(grads)
         finite = jnp.isfinite(gnorm) & jnp.isfinite(loss_sum)
@@ -202,6 +242,54 @@ def _round_metrics(res: cat_round.RoundResult, g: int) -> dict[str, float]:
     return out
 
 
+def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) -> dict[str, float]:
+    """Round metrics of the global batch from each process's (a collective; identity alone).
+
+    Every process holds as many questions, so the mean over processes of a per-process mean is
+    the global mean (a count absent on a process is 0 there); the reward statistics are
+    recomputed from all rewards, in global row order.
+    """
+    if jax.process_count() == 1:
+        return local
+    everyone = parallel.allgather_json({"m": local, "r": np.asarray(rewards, np.float32).tolist()})
+    out = {k: float(np.mean([e["m"].get(k, 0.0) for e in everyone]))
+           for k in sorted(set().union(*(e["m"] for e in everyone)))}
+    r = np.asarray([x for e in everyone for x in e["r"]], np.float32).reshape(-1, g)
+    out.update(reward_mean=float(r.mean()), reward_std=float(r.std()),
+               frac_reward_zero_std=float(np.mean(r.std(-1) == 0)))
+    return out
+
+
+def _heldout_examples(config: Any) -> list:
+    ec = config.get("eval_data")
+    if not ec or not ec.get("name"):
+        return []
+    return data.load(ec.name, split=ec.get("split", "test"), path=ec.get("path"),
+                     limit=ec.get("limit"))
+
+
+def heldout_metrics(policy: cat_round.Model, examples: list, rc: cat_round.RoundConfig,
+                    seed: int) -> dict[str, float]:
+    """Single-sample accuracy vs gold on held-out questions, sampled as the rollouts are.
+
+    Gold is only logged, never trained on. The same key at every evaluation (common random
+    numbers), so a change between evaluations is the policy's, not the draw's.
+    """
+    from catjax.cat import answers
+
+    tok = policy.tokenizer
+    prompt_ids = [cat_round.chat_ids(tok, cat_round.policy_prompt(ex, rc.task, rc.prompt_style),
+                                     dict(rc.chat_kwargs)) for ex in examples]
+    out = sampling.sample(policy.cfg, policy.params, prompt_ids, num_samples=1,
+                          max_new_tokens=rc.max_new_tokens, rng=jax.random.key(seed + 1),
+                          temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
+                          stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+    texts = [tok.decode(c) for c in sampling.completions(out)]
+    got = [answers.extract_answer(t, rc.extract_modes)[0] for t in texts]
+    ok = [a is not None and answers.equivalent(a, ex.answer) for a, ex in zip(got, examples, strict=True)]
+    return {"heldout_accuracy": float(np.mean(ok))}
+
+
 def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
           judge: Any = None) -> dict:
     """The CaT-RL job behind `python -m catjax.main --config=configs/cat_rl.py`."""
@@ -217,6 +305,16 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     if rl.micro_batch and rows % rl.micro_batch:
         raise ValueError(f"config.rl.micro_batch={rl.micro_batch} does not divide the {rows} "
                          "rollout rows of a step")
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"config.batch_size={config.batch_size} (the global batch) does not split "
+                         f"over {jax.process_count()} processes")
+    # Data before weights: a bad data file stops in a second, not after loading a model.
+    examples = data.load(config.data.name, split=config.data.split,
+                         path=config.data.get("path"), limit=config.data.get("limit"))
+    if len(examples) < config.batch_size:
+        raise ValueError(f"config.data ({config.data.name}, limit={config.data.get('limit')}): "
+                         f"{len(examples)} examples do not fill one batch of "
+                         f"config.batch_size={config.batch_size}")
     if policy is None:
         policy = loading.load_model(config.model)
     cfg = policy.cfg.replace(remat=bool(config.get("remat", False)))
@@ -225,15 +323,25 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     # The frozen anchor: the initial weights, kept as their own arrays (the policy's are
     # donated to the update).
     anchor = jax.tree.map(jnp.copy, params)
+    # Float32 master weights for a bf16 policy: an update of lr 5e-7 (the paper's) is below
+    # bf16's resolution for any weight over ~1e-3, so bf16 weights would never move. The model
+    # computes in cfg.dtype (a cast per step); optimizer state and checkpoints hold float32.
+    master = jnp.dtype(config.get("master_dtype", "float32"))
+    if jnp.dtype(cfg.dtype) != master:
+        params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master), t))(params)
+    as_compute = jax.jit(functools.partial(compute_params, cfg))
     if rc.task == "freeform" and judge is None:
         judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok))
     opt = make_optimizer(config.optimizer, config.steps)
-    opt_state = jax.jit(opt.init)(params)
+    opt_shardings = _opt_shardings(opt, params, mesh)
+    opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
+    # The update keeps each state array's sharding: left to the compiler, outputs come back laid
+    # out differently and the sampler and the update recompile at the next step.
+    update = jax.jit(functools.partial(train_step, cfg, rl=rl, opt=opt), donate_argnums=(0, 1),
+                     out_shardings=(jax.tree.map(lambda p: p.sharding, params), opt_shardings,
+                                    parallel.replicated(mesh)))
 
-    examples = data.load(config.data.name, split=config.data.split,
-                         path=config.data.get("path"), limit=config.data.get("limit"))
-    examples = data.shard(examples, jax.process_index(), jax.process_count())
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpoint.Checkpointer(config.checkpoint.get("directory") or os.path.join(workdir, "checkpoints"),
                                    max_to_keep=config.checkpoint.keep,
                                    save_interval_steps=config.checkpoint.every)
     writer = metrics.MetricWriter(workdir)
@@ -248,23 +356,34 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         print(f"resumed from step {start}")
     is_preempted = checkpoint.install_preemption_handler()
     rng = jax.random.key(config.seed)
-    batches = data.batches(examples, config.batch_size, config.seed, start_step=start)
+    # The global batch of a step is fixed by (seed, step); this process reads only its part.
+    batches = data.process_batches(examples, config.batch_size, config.seed, start_step=start,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+    heldout = _heldout_examples(config)
+    eval_every = config.get("eval_every", 0) or config.steps
+    if heldout and start == 0:
+        writer.write(0, heldout_metrics(cat_round.Model(cfg, as_compute(params), tok), heldout, rc,
+                                        config.seed))
     last: dict = {}
     with tqdm(total=config.steps, initial=start, desc="cat-rl", unit="step",
               disable=jax.process_index() != 0) as bar:
         for step in range(start, config.steps):
+            faults.set_step(step + 1)  # crash tests only (CATJAX_FAULT); a no-op otherwise
             t0 = time.perf_counter()
             batch_examples = next(batches)
             key = jax.random.fold_in(rng, step)
-            res = cat_round.run_round(cat_round.Model(cfg, params, tok),
+            res = cat_round.run_round(cat_round.Model(cfg, as_compute(params), tok),
                                       cat_round.Model(cfg, anchor, tok), batch_examples, key, rc,
                                       judge)
             t_round = time.perf_counter() - t0
-            batch = build_batch(res, rl.num_rollouts, tok.pad_id)
-            batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim))
+            # One prompt width on every process (each holds only its prompts).
+            width = sampling.bucket_length(parallel.process_max([max(map(len, res.prompt_ids))])[0])
+            batch = build_batch(res, rl.num_rollouts, tok.pad_id, width)
+            batch = {k: parallel.host_to_global(v, parallel.batch_sharding(mesh, v.ndim))
                      for k, v in batch.items()}
-            params, opt_state, mets = train_step(cfg, params, opt_state, anchor, batch, rl=rl,
-                                                 opt=opt)
+            params, opt_state, mets = update(params, opt_state, anchor, batch)
+            faults.point("update", step + 1)
             mets = {k: float(s) / max(float(c), 1e-9) for k, (s, c) in jax.device_get(mets).items()}
             dt = time.perf_counter() - t0
             gen_tokens = float(np.asarray(res.rollouts.lengths).sum())
@@ -274,13 +393,21 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
             fwd = batch["tokens"].size * models.num_flops_per_token(cfg, seq // 2)
             update_flops = fwd * (1 + rl.num_iterations * (4 if cfg.remat else 3))
             t_update = dt - t_round
-            last = {**mets, **_round_metrics(res, rl.num_rollouts), "step_time_s": dt,
+            round_mets = _merge_over_processes(_round_metrics(res, rl.num_rollouts), res.rewards,
+                                               rl.num_rollouts)
+            if jax.process_count() > 1:  # the tokens of every process's rollouts
+                gen_tokens = round_mets["response_length"] * rows
+            last = {**mets, **round_mets, "step_time_s": dt,
                     "round_time_s": t_round, "tokens_per_s": gen_tokens / max(t_round, 1e-9),
                     "update_tflops_per_s": update_flops / max(t_update, 1e-9) / 1e12}
             if config.get("peak_tflops_per_device"):
                 last["mfu"] = last["update_tflops_per_s"] / (
                     config.peak_tflops_per_device * jax.device_count())
+            if heldout and ((step + 1) % eval_every == 0 or step + 1 == config.steps):
+                last.update(heldout_metrics(cat_round.Model(cfg, as_compute(params), tok), heldout, rc,
+                                            config.seed))
             writer.write(step + 1, last)
+            faults.point("checkpoint_write", step + 1)
             ckpt.save(step + 1, {"params": params, "opt_state": opt_state, "anchor": anchor},
                       meta={"step": step + 1}, force=step + 1 == config.steps or is_preempted())
             bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last.get('kl_ref', 0):.2e}")
@@ -292,15 +419,40 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     ckpt.wait()
     ckpt.close()
     writer.close()
+    export = config.get("export", True)
+    if export and parallel.is_global(params):
+        params_out = parallel.to_host(params)  # a collective: every process takes part
+    else:
+        params_out = params
     if jax.process_index() == 0 and os.path.exists(writer.path):
-        metrics.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
-                            ("reward_mean", "reward_accuracy", "rollout_accuracy", "kl_ref",
+        metrics.plot_curves(writer.path, writer.workdir.file("curves.png"),
+                            ("reward_mean", "heldout_accuracy", "reward_accuracy",
+                             "rollout_accuracy", "kl_ref",
                              "loss", "response_length"))
-        if config.get("export", True):
-            models.save_pretrained(cfg.replace(remat=False), params, os.path.join(workdir, "export"))
+        writer.workdir.push("curves.png")  # gs://: from the local mirror to the bucket
+        if export:  # save_pretrained uploads a gs:// directory itself
+            models.save_pretrained(cfg.replace(remat=False), params_out,
+                                   os.path.join(workdir, "export"), dtype=cfg.dtype)
     return {"params": params, "metrics": last}
+
+
+def compute_params(cfg: ModelConfig, params: Params) -> Params:
+    """The weights the model computes with: master weights cast to `cfg.dtype` (a no-op when
+    they already are); gradients flow back through the cast to the master weights."""
+    dtype = jnp.dtype(cfg.dtype)
+    return jax.tree.map(lambda p: p if p.dtype == dtype else p.astype(dtype), params)
 
 
 def _shard_params(cfg: ModelConfig, params: Params, mesh) -> Params:
     shardings = parallel.param_shardings(models.param_shapes(cfg), models.logical_axes(cfg), mesh)
     return jax.device_put(params, shardings)
+
+
+def _opt_shardings(opt: optax.GradientTransformation, params: Params, mesh) -> Any:
+    """Optimizer moments sharded like their parameters; the rest (step counts) replicated on the
+    mesh. Left to jit, a constant such as Adam's count lands on one device, which other processes
+    cannot address (and a checkpoint then restores it there)."""
+    return optax.tree_utils.tree_map_params(
+        opt, lambda _, sharding: sharding, jax.eval_shape(opt.init, params),
+        jax.tree.map(lambda p: p.sharding, params),
+        transform_non_params=lambda _: parallel.replicated(mesh))

@@ -576,9 +576,11 @@ def test_equivalent_from_threads(grader: int) -> None:
 
 def test_looks_explosive() -> None:
     explosive = ["9^9^9^9", "10^{10^{10}}", "9^{9^{9}}", "2^{(3^4)^5}", "2^{123456}", "1000000!"]
-    for s in [*explosive, "(10^{10})!", "9!!!!", "\\Gamma(10^{10})"]:
+    nested = ["(100!)!", "((12)!)!", "\\Gamma(\\Gamma(100))", "\\Gamma(100!)", "\\binom{9!}{3}"]
+    for s in [*explosive, *nested, "(10^{10})!", "9!!!!", "\\Gamma(10^{10})"]:
         assert answers.looks_explosive(s), s
-    for s in ["x^2+y^2", "e^{x^2}", "2^{10}", "5!", "\\frac{(2n)!}{n!}", "x^{2}y^{3}", "2^{n^2}"]:
+    for s in ["x^2+y^2", "e^{x^2}", "2^{10}", "5!", "\\frac{(2n)!}{n!}", "x^{2}y^{3}", "2^{n^2}",
+              "\\frac{100!}{98!}", "n!(n+1)!", "\\binom{10}{3}"]:
         assert not answers.looks_explosive(s), s
 
 
@@ -639,6 +641,18 @@ def test_hostile_file_is_big_enough() -> None:
     assert len(cases) >= 60
     assert len({c["id"] for c in cases}) == len(cases)
     assert sum("CANARY_PATH" in c["text"] for c in cases) >= 25
+    # Every kind the guarantee names is there, several times over.
+    kinds = {c["kind"] for c in cases}
+    assert kinds == {"python_injection", "sympy_injection", "latex_macro", "blowup", "size",
+                     "control_chars", "unicode_lookalike"}
+    assert all(sum(c["kind"] == k for c in cases) >= 8 for k in kinds)
+    built = [_build(c, Path("/x")) for c in cases]
+    # file inclusion, macros, factorials, NUL bytes, look-alike digits and braces
+    for needle in ("\\input", "\\include", "\\def", "\\newcommand", "!", "\x00", "\uff15", "\ufe5b"):
+        assert any(needle in t for t in built), needle
+    assert any(len(t) >= 1_000_000 for t in built)  # megabyte strings
+    assert any("{" * 10_000 in t for t in built)  # 10,000-deep braces
+    assert any(t.count("{") != t.count("}") for t in built)  # unbalanced braces
 
 
 @pytest.mark.parametrize("case", _hostile_cases(), ids=lambda c: c["id"])
@@ -662,6 +676,8 @@ def test_hostile_answer(grader: int, case: dict, tmp_path: Path) -> None:
     assert elapsed < 3.0, f"{case['id']} took {elapsed:.2f}s"
     assert not canary.exists(), f"{case['id']} executed code"
     assert got == {ref: ref in case.get("equal_to", []) for ref in HOSTILE_REFS}
+    # And the grader still serves: a check that needs the (possibly replaced) worker.
+    assert answers._symbolic_equivalent("\\sqrt{8}", "2\\sqrt{2}", timeout_s=5.0)
 
 
 def test_grader_still_serving_after_hostile_inputs(grader: int) -> None:

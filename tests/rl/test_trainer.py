@@ -21,7 +21,7 @@ def test_every_config_builds(path):
     name = os.path.splitext(os.path.basename(path))[0]
     module = importlib.import_module(f"configs.{name}")
     config = module.get_config()
-    assert config.job in ("evaluate", "train", "demo")
+    assert config.job in ("evaluate", "train", "sft", "demo")
     if name == "cat_rl":
         for model in ("gemma3_4b", "qwen3_4b", "llama31_8b", "smollm2", "tiny"):
             for task in ("math500", "gsm8k", "healthbench"):
@@ -142,3 +142,21 @@ def test_config_errors_stop_before_any_compile(tmp_path):
     config.rl.micro_batch = 5
     with pytest.raises(ValueError, match="rl.micro_batch=5"):
         main.run(config, str(tmp_path))
+
+
+def test_bf16_policy_trains_float32_master_weights(tmp_path):
+    """At the paper's lr (5e-7) a bf16 weight cannot move (the step is below its resolution):
+    the trainer keeps float32 master weights and computes in bf16."""
+    from catjax import loading
+
+    config = _tiny(1)
+    config.model.dtype = "bfloat16"
+    config.optimizer.lr = 5e-7
+    config.export = False
+    out = main.run(config, str(tmp_path))["params"]
+    start = loading.load_model(config.model).params
+    leaves = jax.tree.leaves(jax.device_get(out))
+    assert all(x.dtype == np.float32 for x in leaves)
+    moved = [np.mean(np.asarray(a, np.float32) != np.asarray(b, np.float32))
+             for a, b in zip(leaves, jax.tree.leaves(jax.device_get(start)), strict=True)]
+    assert np.mean(moved) > 0.5, moved  # most weights took the update
