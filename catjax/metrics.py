@@ -2,18 +2,22 @@
 
 A gs:// workdir is written through `storage.Workdir`: a local mirror, whose metrics.jsonl is
 fetched from the bucket at start (a resumed run appends to it) and uploaded, with the TensorBoard
-events, after every write."""
+events, after every write (at most once a second: GCS takes about one update per second of an
+object; rows held back go up with a later write or at `close()`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 
 import jax
 
 from catjax import storage
+
+PUSH_INTERVAL_S = 1.0  # gs:// workdirs: least time between two uploads of metrics.jsonl
 
 
 def _summary_writer():
@@ -37,6 +41,7 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = storage.Workdir(workdir)
         self._tb = None
+        self._pushed_at, self._unpushed = -float("inf"), False
         if not self.enabled:  # no local mirror: other processes never touch the workdir
             self.path = os.path.join(workdir, "metrics.jsonl")
             return
@@ -59,7 +64,7 @@ class MetricWriter:
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
-        self.workdir.push("metrics.jsonl", "tb")
+        self._push()
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (written before a crash, redone after resume)."""
@@ -69,12 +74,25 @@ class MetricWriter:
             rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(self.path, "w") as f:
             f.writelines(rows)
-        self.workdir.push("metrics.jsonl")
+        self._push(force=True)
+
+    def _push(self, force: bool = False) -> None:
+        """Upload metrics.jsonl and the TensorBoard events of a gs:// workdir (local: nothing)."""
+        if not self.workdir.remote:
+            return
+        now = time.monotonic()
+        if force or now - self._pushed_at >= PUSH_INTERVAL_S:
+            self.workdir.push("metrics.jsonl", "tb")
+            self._pushed_at, self._unpushed = now, False
+        else:
+            self._unpushed = True
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-            self.workdir.push("tb")
+        if self.enabled and (self._unpushed or self._tb is not None):
+            self._push(force=True)
+        self._tb = None
 
 
 def read(path: str) -> list[dict]:

@@ -6,10 +6,13 @@ through a `Workdir`: for a local directory it is that directory, untouched; for 
 private local mirror (a temporary directory) that the job reads and writes as usual, `pull`ing the
 files it resumes from out of the bucket when it starts and `push`ing each file after writing it.
 
-Failures: every GCS request has a timeout and is retried per `GCS_RETRIES` on transient errors
-(connection refused or reset, timeouts, HTTP 408/429/5xx): 6 attempts, backoff 1 s doubling to
-16 s, about 30 s in all when the bucket is gone (the same policy as catjax.checkpoint's). Then, or
-at once on any other error, `StorageError` is raised with a one-line message.
+Failures: every GCS request made here has a timeout (`timeout_s`, 60 s) and is retried per
+`GCS_RETRIES` on transient errors (connection refused or reset, timeouts, HTTP 408/429/5xx): 6
+attempts, backoff 1 s doubling to 16 s (the policy of catjax.checkpoint), so about 30 s when the
+bucket refuses or answers 5xx, at most 6 timeouts + 31 s when it does not answer. The client
+library's own retries are off (`retry=None`), so nothing else waits longer. Then, or at once on any
+other error (no permission, no credentials), `StorageError` is raised with a one-line message; the
+command line prints it and exits with status 1, as for checkpoint failures.
 """
 
 from __future__ import annotations

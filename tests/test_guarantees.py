@@ -24,8 +24,7 @@ from catjax.cat import round as cat_round
 from catjax.cat import rubrics
 from catjax.cat.judges import HTTPJudge
 from catjax.data import Example
-from tests.cat.test_judges import FakeServer
-from tests.tiny_model import numpy_params
+from tests.tiny_model import numpy_params, override
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"problem": "What is 1 + 1?", "answer": "2"}
@@ -86,14 +85,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(inputs, tmp_path):
 def _tiny(**changes):
     from configs import cat_rl
 
-    config = cat_rl.get_config("model=tiny,runlocal")
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(cat_rl.get_config("model=tiny,runlocal"), changes)
 
 
 @pytest.mark.parametrize(("changes", "want"), [
@@ -119,16 +111,6 @@ def test_bad_input_stops_the_run_with_one_line(inputs, tmp_path, changes, want):
 
 
 # ------------------------------------------------------------------------------ the HTTP judge
-
-
-@pytest.fixture
-def server():
-    s = FakeServer()
-    s.thread.start()
-    yield s
-    s.stop.set()
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 def _judge(url: str, **kw) -> HTTPJudge:

@@ -8,7 +8,6 @@ their sampler's compiled shapes) under a persistent compilation cache, so reruns
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
@@ -25,6 +24,7 @@ import pytest
 from catjax import evaluate, main, metrics, storage
 from catjax.cat import round as cat_round
 from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
+from tests.tiny_model import compile_cache, override
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"batch_size": 1, "round.num_rollouts": 2, "round.max_new_tokens": 4,
@@ -118,6 +118,28 @@ def test_push_pull_and_an_unreachable_bucket_fails_fast_in_one_line(
     wd.close()
 
 
+def test_metric_writer_on_gs_uploads_rows_and_continues_the_buckets_rows(
+        gcs_emulator, isolated):  # noqa: F811
+    emu, url = gcs_emulator, f"{gcs_emulator.url}/run"
+    writer = metrics.MetricWriter(url, enabled=True)
+    for step in (1, 2, 3):  # within a second: the first row goes up at once, the others at close
+        writer.write(step, {"loss": float(step)})
+    assert [r["step"] for r in _rows(emu, "run/metrics.jsonl")] == [1]
+    writer.close()
+    assert [r["step"] for r in _rows(emu, "run/metrics.jsonl")] == [1, 2, 3]
+    assert any(n.startswith("run/tb/events.") for n in emu.objects("run/tb/"))
+    # A resumed run (a fresh mirror) from step 2: row 3 is redone, not duplicated.
+    resumed = metrics.MetricWriter(url, enabled=True)
+    resumed.truncate_after(2)
+    assert [r["step"] for r in _rows(emu, "run/metrics.jsonl")] == [1, 2]
+    resumed.write(3, {"loss": 0.5})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in _rows(emu, "run/metrics.jsonl")] == [(1, 1.0), (2, 2.0),
+                                                                                   (3, 0.5)]
+    del writer, resumed
+    assert not _mirrors(isolated)
+
+
 def test_cli_reports_a_storage_failure_in_one_line(monkeypatch, capsys):
     def fail(config, workdir):
         raise storage.StorageError("gs://b/run/metrics.jsonl: upload: GCS unreachable after 6 attempts: x")
@@ -145,29 +167,16 @@ def shared(tmp_path_factory) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _compile_cache(path: Path):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(path))
-    jax.config.update(names[1], 0.0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for n, v in old.items():
-            jax.config.update(n, v)
-        cc.reset_cache()
 
 
 @functools.lru_cache(maxsize=1)
 def _tiny_model() -> cat_round.Model:
-    from catjax import loading
-    from configs import cat_rl
+    """configs/cat_rl.py's model=tiny (random tiny Qwen 3, SmolLM2's tokenizer), numpy-initialized."""
+    from catjax import loading, models, text
+    from tests.tiny_model import numpy_params
 
-    return loading.load_model(cat_rl.get_config("model=tiny,runlocal").model)
+    cfg = models.get_preset("tiny_qwen3", vocab_size=49_152)
+    return cat_round.Model(cfg, numpy_params(cfg), text.load_tokenizer(loading.resolve_init("smollm2")))
 
 
 def _policy() -> cat_round.Model:
@@ -175,23 +184,16 @@ def _policy() -> cat_round.Model:
     return cat_round.Model(m.cfg, jax.tree.map(jnp.copy, m.params), m.tokenizer)
 
 
-def _set(config, **changes):
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+
 
 
 def _eval_config(shared: Path):
     from configs import eval_math500
 
     c = eval_math500.get_config("model=tiny,n=3,g=2")
-    return _set(c, **{k: v for k, v in TINY.items() if k != "batch_size"}, **{
-        "data.path": str(shared / "questions.jsonl"), "eval.batch_size": 1, "eval.g_values": (2,),
-        "eval.baselines": ("majority", "min_ppl")})
+    return override(c, {**{k: v for k, v in TINY.items() if k != "batch_size"},
+                        "data.path": str(shared / "questions.jsonl"), "eval.batch_size": 1,
+                        "eval.g_values": (2,), "eval.baselines": ("majority", "min_ppl")})
 
 
 def test_evaluate_on_gs_writes_to_the_bucket_and_resumes_from_it(
@@ -206,7 +208,7 @@ def test_evaluate_on_gs_writes_to_the_bucket_and_resumes_from_it(
         return real(policy, examples, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "evaluate_batch", batch)
-    with _compile_cache(shared / "jax-cache"):
+    with compile_cache(shared / "jax-cache"):
         crash = True
         with pytest.raises(RuntimeError, match="simulated crash"):
             evaluate.run(_eval_config(shared), url, policy=_policy())
@@ -232,9 +234,9 @@ def test_trainer_on_gs_writes_to_the_bucket_and_resumes_from_it(
     from configs import cat_rl
 
     emu, url = gcs_emulator, f"{gcs_emulator.url}/runs/rl"
-    config = lambda steps: _set(cat_rl.get_config("model=tiny,runlocal"), **TINY, steps=steps,
-                                **{"data.path": str(shared / "questions.jsonl")})
-    with _compile_cache(shared / "jax-cache"):
+    config = lambda steps: override(cat_rl.get_config("model=tiny,runlocal"), {
+        **TINY, "steps": steps, "data.path": str(shared / "questions.jsonl")})
+    with compile_cache(shared / "jax-cache"):
         trainer.train(config(1), url, policy=_policy())
         assert not _mirrors(isolated)  # the rerun can only resume from the bucket
         names = set(emu.objects("runs/rl/"))

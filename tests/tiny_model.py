@@ -1,7 +1,12 @@
-"""Random weights for tiny test models, without compiling an initializer (seconds saved per test
-module): normal(0, 0.02) from numpy, norm weights at one."""
+"""Helpers for tests that run tiny models: random weights without compiling an initializer
+(seconds saved per test module), dotted config overrides, and a scoped compilation cache."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,3 +25,32 @@ def numpy_params(cfg: models.ModelConfig, seed: int = 0) -> models.Params:
 
     return jax.tree_util.tree_map_with_path(leaf, models.param_shapes(cfg),
                                             is_leaf=lambda x: isinstance(x, tuple))
+
+
+def override(config: Any, changes: dict[str, Any]) -> Any:
+    """Set dotted fields (`"round.max_new_tokens": 4`) of a ConfigDict; returns it."""
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@contextlib.contextmanager
+def compile_cache(path: Path) -> Iterator[None]:
+    """JAX's persistent compilation cache in `path`, for this block only."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(path))
+    jax.config.update(names[1], 0.0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+        cc.reset_cache()

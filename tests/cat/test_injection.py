@@ -17,7 +17,6 @@ from catjax.cat.judges import HTTPJudge
 from catjax.cat.local_judge import LocalJudge
 from catjax.cat.round import chat_ids
 from tests.assets import smollm2_gguf
-from tests.cat.test_judges import FakeServer
 from tests.tiny_model import numpy_params
 
 HOSTILE = [
@@ -126,16 +125,6 @@ def test_local_judge_verdict_is_its_own_next_token_distribution(tok):
     np.testing.assert_allclose([v.prob_yes for v in got], want, atol=2e-4)
     assert [v.met for v in got] == [v.prob_yes > 0.5 for v in got]
     assert all(v.raw.startswith("p_yes=") for v in got)  # no text was parsed for a verdict
-
-
-@pytest.fixture
-def server():
-    s = FakeServer()
-    s.thread.start()
-    yield s
-    s.stop.set()
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 def test_http_judge_verdicts_come_only_from_the_judges_reply(server):

@@ -8,7 +8,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -105,16 +104,6 @@ class FakeServer:
 
     def prompts_seen(self) -> list[str]:
         return [body["messages"][0]["content"] for _, body in self.requests]
-
-
-@pytest.fixture
-def server() -> Iterator[FakeServer]:
-    s = FakeServer()
-    s.thread.start()
-    yield s
-    s.stop.set()  # wake sleeping handlers
-    s.httpd.shutdown()
-    s.httpd.server_close()
 
 
 def make_judge(url: str, **kw: Any) -> HTTPJudge:

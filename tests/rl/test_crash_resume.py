@@ -9,7 +9,6 @@ seconds.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -32,6 +31,7 @@ from catjax.cat import round as cat_round
 from catjax.checkpoint import Checkpointer, CheckpointError
 from catjax.rl import trainer
 from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
+from tests.tiny_model import compile_cache, override
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -60,31 +60,9 @@ def _config(ref: Reference, **changes):
     from configs import cat_rl
 
     config = cat_rl.get_config("model=tiny,runlocal")
-    for key, value in {**OVERRIDES, "data.path": str(ref.data), **changes}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return override(config, {**OVERRIDES, "data.path": str(ref.data), **changes})
 
 
-@contextlib.contextmanager
-def _compile_cache(path: Path):
-    """JAX's persistent compilation cache in `path`, for this block only."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(path))
-    jax.config.update(names[1], 0.0)
-    cc.reset_cache()
-    try:
-        yield
-    finally:
-        for n, v in old.items():
-            jax.config.update(n, v)
-        cc.reset_cache()
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,7 +80,7 @@ def _run_inprocess(ref: Reference, workdir: Path, **changes):
     m = _tiny_model(str(config.model))
     policy = cat_round.Model(m.cfg, jax.tree.map(jnp.copy, m.params), m.tokenizer)
     # No curves.png (2 s of matplotlib per run; the plot has its own test in test_trainer.py).
-    with _compile_cache(ref.cache), mock.patch.object(metrics, "plot_curves", lambda *a, **k: None):
+    with compile_cache(ref.cache), mock.patch.object(metrics, "plot_curves", lambda *a, **k: None):
         return trainer.train(config, str(workdir), policy=policy)
 
 
@@ -177,11 +155,12 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, capsys, fault
     proc = _run_cli(reference, work, fault)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = work / "checkpoints"
+    left = _tmp_dirs(ckpts, step)  # before a Checkpointer opens the directory (it cleans up)
     finalized = Checkpointer(str(ckpts)).all_steps()
     rows = [r["step"] for r in metrics.read(str(work / "metrics.jsonl"))]
     if point == "checkpoint_write":
         # Killed inside Orbax's write of step 2: its temporary directory is there, uncommitted...
-        assert _tmp_dirs(ckpts, step), os.listdir(ckpts)
+        assert left, os.listdir(ckpts)
         assert finalized == [1]  # ...and never listed, so never loaded.
         assert rows in ([1, 2], [1, 2, 3])  # the write is asynchronous: step 3 may have run
     else:
