@@ -45,6 +45,7 @@ one is finalized.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -193,6 +194,8 @@ class Checkpointer:
         self.directory = str(directory).rstrip("/")
         self.timeout_s = timeout_s
         self._is_gcs = self.directory.startswith("gs://")
+        if not self._is_gcs:  # Orbax (tensorstore) refuses relative paths, e.g. --workdir=runs/x
+            self.directory = os.path.abspath(self.directory)
         self._failed: CheckpointError | None = None
         self._pending: int | None = None  # step of an async save not yet waited for
         self._closed = False

@@ -438,3 +438,14 @@ def test_gcs_outage_fails_fast_and_keeps_last_good(gcs_emulator, fast_gcs_retrie
     got, meta = again.restore(abstract_state={"x": jax.ShapeDtypeStruct((16,), jnp.float32)})
     assert meta == {"step": 2} and np.array_equal(np.asarray(got["x"]), np.asarray(s1["x"] + 1))
     again.close()
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+    """`--workdir=runs/demo` (the README's demo): Orbax needs absolute paths, the Checkpointer
+    makes them so."""
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer("runs/x/checkpoints", async_save=False) as ckpt:
+        ckpt.save(1, {"w": np.arange(3.0)}, meta={"step": 1})
+    state, meta = Checkpointer("runs/x/checkpoints").restore()
+    np.testing.assert_array_equal(state["w"], np.arange(3.0))
+    assert meta["step"] == 1 and (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
