@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catjax import main, models
+from catjax import main, models, storage
 from catjax.cat import round as cat_round
 from catjax.cat import rubrics
 from catjax.cat.judges import HTTPJudge
+from catjax.checkpoint import CheckpointError
 from catjax.data import Example
 from tests.tiny_model import numpy_params, override
 
@@ -162,3 +163,22 @@ def test_malformed_rubric_and_verdicts_fall_back_and_are_counted_in_the_round(se
     assert records[0]["rubric"] == rubrics.fallback_rubric("reference")
     assert metrics["verdict_unparsable"] == 2 and rewards.tolist() == [0.0, 0.0]
     assert judge.stats.unparsable == 2 and judge.stats.retries == 2 and judge.stats.calls == 4
+
+
+@pytest.mark.parametrize("error,workdir", [
+    (CheckpointError("gs://b/ckpt: save of step 2: GCS unreachable after 6 attempts: x"), "/tmp/unused"),
+    (storage.StorageError("gs://b/run/metrics.jsonl: upload: GCS unreachable after 6 attempts: x"),
+     "gs://b/run"),
+], ids=["checkpoint", "storage"])
+def test_cli_reports_a_storage_or_checkpoint_failure_in_one_line(monkeypatch, capsys, error, workdir):
+    def fail(config, workdir):
+        raise error
+
+    monkeypatch.setattr(main, "run", fail)
+    monkeypatch.setattr(sys, "argv", ["catjax", "--config=configs/cat_rl.py:model=tiny",
+                                      f"--workdir={workdir}"])
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    with pytest.raises(SystemExit) as e:
+        main.cli()
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"catjax: error: {error}\n"

@@ -12,7 +12,6 @@ import functools
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from catjax import evaluate, main, metrics, storage
+from catjax import evaluate, metrics, storage
 from catjax.cat import round as cat_round
 from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 from tests.tiny_model import compile_cache, override
@@ -139,20 +138,6 @@ def test_metric_writer_on_gs_uploads_rows_and_continues_the_buckets_rows(
     del writer, resumed
     assert not _mirrors(isolated)
 
-
-def test_cli_reports_a_storage_failure_in_one_line(monkeypatch, capsys):
-    def fail(config, workdir):
-        raise storage.StorageError("gs://b/run/metrics.jsonl: upload: GCS unreachable after 6 attempts: x")
-
-    monkeypatch.setattr(main, "run", fail)
-    monkeypatch.setattr(sys, "argv", ["catjax", "--config=configs/cat_rl.py:model=tiny",
-                                      "--workdir=gs://b/run"])
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as e:
-        main.cli()
-    assert e.value.code == 1
-    assert capsys.readouterr().err == ("catjax: error: gs://b/run/metrics.jsonl: upload: GCS "
-                                       "unreachable after 6 attempts: x\n")
 
 
 # ------------------------------------------------------------------------------ the jobs

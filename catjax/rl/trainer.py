@@ -327,9 +327,10 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     # bf16's resolution for any weight over ~1e-3, so bf16 weights would never move. The model
     # computes in cfg.dtype (a cast per step); optimizer state and checkpoints hold float32.
     master = jnp.dtype(config.get("master_dtype", "float32"))
+    as_compute = lambda t: t  # noqa: E731  (same dtype: the arrays themselves, no copy per step)
     if jnp.dtype(cfg.dtype) != master:
         params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master), t))(params)
-    as_compute = jax.jit(functools.partial(compute_params, cfg))
+        as_compute = jax.jit(functools.partial(compute_params, cfg))
     if rc.task == "freeform" and judge is None:
         judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok))
     opt = make_optimizer(config.optimizer, config.steps)

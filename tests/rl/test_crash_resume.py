@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from catjax import checkpoint, main, metrics
+from catjax import checkpoint, metrics
 from catjax.cat import round as cat_round
 from catjax.checkpoint import Checkpointer, CheckpointError
 from catjax.rl import trainer
@@ -234,20 +234,6 @@ def test_gcs_store_gone_mid_run_fails_clearly_and_keeps_the_last_good_step(
     finally:
         checkpoint.set_gcs_retries(**saved)
 
-
-def test_cli_reports_a_checkpoint_failure_in_one_line(monkeypatch, capsys):
-    def fail(config, workdir):
-        raise CheckpointError("gs://b/ckpt: save of step 2: GCS unreachable after 6 attempts: x")
-
-    monkeypatch.setattr(main, "run", fail)
-    monkeypatch.setattr(sys, "argv", ["catjax", "--config=configs/cat_rl.py:model=tiny",
-                                      "--workdir=/tmp/unused"])
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as e:
-        main.cli()
-    assert e.value.code == 1
-    assert capsys.readouterr().err == ("catjax: error: gs://b/ckpt: save of step 2: GCS unreachable "
-                                       "after 6 attempts: x\n")
 
 
 # ------------------------------------------------------------------------------- NaN / inf steps
