@@ -135,12 +135,17 @@ def categorical(key: jax.Array, logits_bv: jax.Array, block: int = 256) -> jax.A
 
 def draw(logits_bv: jax.Array, key: jax.Array,
          sp: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Draw tokens [B]; their log-probs under the sampling distribution and the plain model."""
+    """Draw tokens [B]; their log-probs under the sampling distribution and the plain model.
+
+    A log-prob is `logit[token] - logsumexp(logits)`: two reductions over the vocabulary and a
+    gather, never a full [B, V] log-softmax (at 32 rows x 150k that is most of a small model's
+    decode step on a CPU).
+    """
     logits_bv = logits_bv.astype(jnp.float32)
-    model_lp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    model_lse_b = jax.nn.logsumexp(logits_bv, axis=-1)
     if sp.temperature == 0:
         tok = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        return tok, jnp.zeros(tok.shape, jnp.float32), _take(model_lp_bv, tok)
+        return tok, jnp.zeros(tok.shape, jnp.float32), _take(logits_bv, tok) - model_lse_b
     scaled = logits_bv / sp.temperature
     if sp.top_k > 0:
         vals_bk, idx_bk = jax.lax.top_k(scaled, min(sp.top_k, scaled.shape[-1]))
@@ -151,12 +156,13 @@ def draw(logits_bv: jax.Array, key: jax.Array,
             vals_bk = jnp.where(before < sp.top_p, vals_bk, -jnp.inf)
         choice = categorical(key, vals_bk, block=min(256, vals_bk.shape[-1]))
         tok = jnp.take_along_axis(idx_bk, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        lp = _take(jax.nn.log_softmax(vals_bk, axis=-1), choice)
-        return tok, lp, _take(model_lp_bv, tok)
+        lp = _take(vals_bk, choice) - jax.nn.logsumexp(vals_bk, axis=-1)
+        return tok, lp, _take(logits_bv, tok) - model_lse_b
     if sp.top_p < 1:
         scaled = jnp.where(_nucleus_mask(scaled, sp.top_p), scaled, -jnp.inf)
     tok = categorical(key, scaled)
-    return tok, _take(jax.nn.log_softmax(scaled, axis=-1), tok), _take(model_lp_bv, tok)
+    lp = _take(scaled, tok) - jax.nn.logsumexp(scaled, axis=-1)
+    return tok, lp, _take(logits_bv, tok) - model_lse_b
 
 
 def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
@@ -168,12 +174,12 @@ def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
-                     "cache_dtype", "mesh"),
+                     "cache_dtype", "mesh", "unroll_layers"),
 )
 def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str,
-            mesh: jax.sharding.Mesh | None) -> SampleOutput:
+            mesh: jax.sharding.Mesh | None, unroll_layers: bool = False) -> SampleOutput:
     b, p = prompt_bp.shape
     g, n = num_samples, max_new_tokens
     r = b * g
@@ -188,13 +194,16 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     cache = jax.tree.map(lambda c: on_batch(c, 1),
                          models.init_cache(cfg, b, p + n, jnp.dtype(cache_dtype)))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    hidden, cache = models.hidden_cached(cfg, params, prompt_bp, positions, cache)
+    hidden, cache = models.hidden_cached(cfg, params, prompt_bp, positions, cache, prefill=True)
     last = jnp.take_along_axis(hidden, (prompt_len_b - 1)[:, None, None], axis=1)
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last)[:, 0], g, axis=0)
     cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
     logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    if unroll_layers:  # per-layer weights and cache, sliced once here, not in every step
+        params = models.unstack_layers(params)
+        cache = cache.unstacked()
 
     def cond(state):
         step, done = state[0], state[3]
@@ -214,7 +223,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         lengths = lengths + live
         done = done | jnp.isin(tok, stops)
         hidden, cache = models.hidden_cached(cfg, params, tok[:, None], pos[:, None], cache)
-        cache = jax.tree.map(lambda c: on_batch(c, 1), cache)
+        axis = 1 if cache.is_stacked else 0  # the batch axis of [L,] B, K, S, H
+        cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
         logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])
         pos = jnp.minimum(pos + live, p + n - 1)
         return step + 1, cache, logits, done, pos, lengths, toks, lps, mlps
@@ -231,6 +241,11 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
                                                jnp.repeat(prompt_len_b, g)))
 
 
+def default_unroll_layers() -> bool:
+    """Unrolled decode layers on the CPU, a scan elsewhere (see `models.unstack_layers`)."""
+    return jax.default_backend() == "cpu"
+
+
 def default_cache_dtype(cfg: ModelConfig) -> str:
     """bfloat16 on accelerators (halves the cache); the model dtype on CPU, where XLA computes
     bfloat16 in float32 anyway."""
@@ -241,8 +256,8 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            num_samples: int = 1, max_new_tokens: int, rng: jax.Array,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
-           prompt_length: int | None = None,
-           mesh: jax.sharding.Mesh | None = None) -> SampleOutput:
+           prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
+           unroll_layers: bool | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -251,12 +266,17 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     mesh of `params` when they span several devices (the trainer's), so that one process and
     several processes run the same partitioned program.
 
+    `unroll_layers` (default: on the CPU only) decodes with per-layer weights and cache sliced
+    once before the loop (faster there, one more copy of the weights in memory).
+
     Multi-process (params are global arrays, or `mesh` spans other processes): every process
     calls `sample` at the same point with its own prompts and gets back its own rows, as host
     numpy arrays; the mesh defaults to the params'. See `_sample_multiprocess`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if unroll_layers is None:
+        unroll_layers = default_unroll_layers()
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     if jax.process_count() > 1 and (parallel.is_global(params) or (
@@ -266,7 +286,8 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
             rng=rng, sp=SamplingParams(float(temperature), int(top_k), float(top_p)),
             stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
             cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name,
-            prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params))
+            prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params),
+            unroll_layers=unroll_layers)
     if mesh is None:  # params laid out on several devices: split the batch over them too
         mesh = parallel.mesh_of(params)
         mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
@@ -287,7 +308,8 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     out = _sample(cfg, params, tokens, lengths, rng, sp=sp, num_samples=num_samples,
                   max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
                   pad_id=int(pad_id),
-                  cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh)
+                  cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
+                  unroll_layers=bool(unroll_layers))
     rows = num_prompts * num_samples
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
@@ -298,7 +320,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                          num_samples: int, max_new_tokens: int, rng: jax.Array,
                          sp: SamplingParams, stop_ids: tuple[int, ...], pad_id: int,
                          cache_dtype: str, prompt_length: int | None,
-                         mesh: jax.sharding.Mesh | None) -> SampleOutput:
+                         mesh: jax.sharding.Mesh | None, unroll_layers: bool) -> SampleOutput:
     """`sample` over global (multi-process) params: this process's prompts in, its rows out.
 
     Every process must run the same program, so they first agree on the prompt count per
@@ -326,7 +348,8 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
     out = _sample(cfg, params, parallel.host_to_global(tokens, parallel.batch_sharding(mesh, 2)),
                   parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
                   num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                  pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh)
+                  pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
+                  unroll_layers=bool(unroll_layers))
     rows = len(prompts) * num_samples
     return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 

@@ -29,6 +29,7 @@ from catjax.models.decoder import (
     num_flops_per_token,
     param_count,
     param_shapes,
+    unstack_layers,
 )
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "forward", "forward_cached", "from_pretrained", "get_preset", "hidden_cached", "hidden_states",
     "init_cache",
     "init_params", "logical_axes", "logits_from_hidden", "num_flops_per_token", "param_count",
-    "param_shapes", "save_pretrained",
+    "param_shapes", "save_pretrained", "unstack_layers",
 ]
 
 

@@ -152,11 +152,15 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     split = lambda tree: jax.tree.map(lambda x: x.reshape(rows // mb, mb, *x.shape[1:]), tree)
     # The anchor's pass goes micro-batch by micro-batch too, so the update's peak memory scales
     # with rl.micro_batch, not with the batch.
-    anchor = jax.lax.stop_gradient(anchor)
-    ref_lp = jax.lax.map(lambda b: completion_logprobs(cfg, anchor, b, rl.logprob_chunk)[0],
-                         split(batch))
-    ref_lp = jax.lax.stop_gradient(ref_lp.reshape(mask.shape))
     old_lp = batch["behaviour_logprobs"]
+    if rl.kl_mode == "none":
+        # No KL term: the anchor's forward pass would only feed the kl_ref metric. Skipped.
+        ref_lp = old_lp
+    else:
+        anchor = jax.lax.stop_gradient(anchor)
+        ref_lp = jax.lax.map(lambda b: completion_logprobs(cfg, anchor, b, rl.logprob_chunk)[0],
+                             split(batch))
+        ref_lp = jax.lax.stop_gradient(ref_lp.reshape(mask.shape))
     rewards = batch["rewards"]
     if rl.kl_mode == "reward":
         rewards = grpo.kl_penalized_rewards(rewards, old_lp, ref_lp, mask, rl.kl_coef,
@@ -211,7 +215,8 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     (params, opt_state), mets = jax.lax.scan(one_iteration, (params, opt_state), None,
                                             length=rl.num_iterations)
     mets = jax.tree.map(lambda x: x[-1], mets)
-    mets["kl_ref"] = (jnp.sum(grpo.KL_ESTIMATORS["k3"](old_lp, ref_lp) * mask), jnp.sum(mask))
+    if rl.kl_mode != "none":
+        mets["kl_ref"] = (jnp.sum(grpo.KL_ESTIMATORS["k3"](old_lp, ref_lp) * mask), jnp.sum(mask))
     return params, opt_state, mets
 
 

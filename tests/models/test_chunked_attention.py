@@ -26,11 +26,13 @@ def test_chunked_prefill_matches_unchunked(name, overrides):
     cfg, params, tokens = _setup(name, overrides)
     pos = jnp.broadcast_to(jnp.arange(SLOTS, dtype=jnp.int32), (2, SLOTS))
 
-    @functools.partial(jax.jit, static_argnums=0)  # one compile per q_chunk, not per call
-    def run(q_chunk):
-        # A prefill from slot 0, a second one that starts mid-cache, then two decode steps.
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per setting, not per call
+    def run(q_chunk, prefill=False):
+        # A prefill from slot 0 (`prefill`: keys limited to the prompt, causal blocks), a second
+        # one that starts mid-cache, then two decode steps.
         cache = models.init_cache(cfg, 2, SLOTS)
-        a, cache = models.forward_cached(cfg, params, tokens[:, :P], pos[:, :P], cache, q_chunk=q_chunk)
+        a, cache = models.forward_cached(cfg, params, tokens[:, :P], pos[:, :P], cache,
+                                         q_chunk=q_chunk, prefill=prefill)
         b, cache = models.forward_cached(cfg, params, tokens[:, P:P + 9], pos[:, P:P + 9], cache,
                                          q_chunk=q_chunk)
         steps = [a, b]
@@ -44,10 +46,11 @@ def test_chunked_prefill_matches_unchunked(name, overrides):
     want = np.asarray(want)
     full = np.asarray(models.forward(cfg, params, tokens[:, :P + 11]))
     np.testing.assert_allclose(want, full, atol=2e-5, rtol=0)
-    for q_chunk in (8,):  # padded last blocks (37 = 4*8 + 5; 9 = 8 + 1)
-        got, cache = run(q_chunk)
+    # Padded last blocks (37 = 4*8 + 5; 9 = 8 + 1); prefill blocks over growing key prefixes.
+    for q_chunk, prefill in ((8, False), (8, True), (None, True)):
+        got, cache = run(q_chunk, prefill)
         got = np.asarray(got)
-        assert np.abs(got - want).max() <= 1e-5, (q_chunk, np.abs(got - want).max())
+        assert np.abs(got - want).max() <= 1e-5, (q_chunk, prefill, np.abs(got - want).max())
         for g, w in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache), strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 

@@ -32,8 +32,9 @@ def test_logits_match_transformers(tmp_path, family, overrides):
     np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-def test_cached_decoding_matches_full_pass(tmp_path, family):
+def test_cached_decoding_matches_full_pass(tmp_path, family, unroll):
     model = make_hf_model(family, str(tmp_path))
     del model
     cfg, params = models.from_pretrained(str(tmp_path))
@@ -43,8 +44,12 @@ def test_cached_decoding_matches_full_pass(tmp_path, family):
     pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
     pre, cache = models.forward_cached(cfg, params, tokens[:, :30], pos[:, :30], cache)
     steps = [pre]
+    if unroll:  # the sampler's CPU decode: per-layer weights and cache (Gemma: sliding layers)
+        params, cache = models.unstack_layers(params), cache.unstacked()
+        assert len(params["layers"]) == cfg.num_layers and not cache.is_stacked
     for t in range(30, 40):
         step, cache = models.forward_cached(cfg, params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
         steps.append(step)
+    assert cache.is_stacked != unroll
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full),
                                atol=2e-5, rtol=0)

@@ -146,3 +146,20 @@ def test_update_memory_scales_with_the_micro_batch_and_the_chunk():
     small, big, whole = temp(8, 32), temp(32, 32), temp(8, 0)
     assert big <= 1.1 * small, (small, big)
     assert small <= 0.7 * whole, (small, whole)
+
+
+def test_without_a_kl_term_the_anchor_is_never_read():
+    """kl_mode='none' skips the anchor's forward pass: a NaN anchor changes nothing."""
+    cfg = CFG
+    rl = trainer.RLConfig(num_rollouts=4, kl_mode="none")
+    runs = []
+    for poison in (False, True):
+        params = models.init_params(CFG, jax.random.key(0))
+        anchor = models.init_params(CFG, jax.random.key(1))
+        if poison:
+            anchor = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), anchor)
+        new, _, mets = trainer.train_step(cfg, params, OPT.init(params), anchor, _batch(), rl=rl,
+                                          opt=OPT)
+        runs.append(jax.device_get((new, mets)))
+    jax.tree.map(np.testing.assert_array_equal, runs[0][0], runs[1][0])
+    assert float(runs[1][1]["skipped"][0]) == 0.0 and "kl_ref" not in runs[1][1]
