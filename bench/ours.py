@@ -27,8 +27,8 @@ import optax  # noqa: E402
 import workload  # noqa: E402
 
 from catjax import models, sampling, text  # noqa: E402
-from catjax.cat import answers, rubrics  # noqa: E402
 from catjax.cat import round as cat_round  # noqa: E402
+from catjax.cat import rubrics  # noqa: E402
 from catjax.cat.local_judge import LocalJudge  # noqa: E402
 from catjax.datasets.records import Example  # noqa: E402
 from catjax.rl import trainer  # noqa: E402
@@ -74,7 +74,7 @@ def task_sampler(m, args) -> dict:
 
 # --- 2. one RL iteration (generate, reward, update), the peers' workload ----------------------
 
-def _rl_setup(m):
+def _rl_setup():
     rl = trainer.RLConfig(num_rollouts=workload.RL["num_samples"], kl_mode="none",
                           epsilon=workload.RL["epsilon"])
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(workload.RL["lr"]))
@@ -84,7 +84,7 @@ def _rl_setup(m):
 def task_rl(m, args) -> dict:
     prompts, g, n = question_ids(m), workload.RL["num_samples"], args.new_tokens
     answers_ = [a for _, a in workload.QUESTIONS]
-    rl, opt = _rl_setup(m)
+    rl, opt = _rl_setup()
     state = {"params": jax.tree.map(jnp.copy, m.params)}
     state["opt"] = opt.init(state["params"])
     keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
@@ -163,7 +163,6 @@ def task_synthesis(m, args) -> dict:
         "judge_pairs": sum(len(c) for c, _ in items), "judge_s": judge_s,
         "judge_first_s": j_first, "judge_s_per_rollout": judge_s / len(items),
         "judge_vs_rollout_row": judge_s / len(items) / per_rollout_gen,
-        "answers_checked": sum(answers.extract_boxed(t) is not None for t in texts),
     }, t_syn, f_syn
 
 
@@ -171,7 +170,7 @@ def task_synthesis(m, args) -> dict:
 
 def task_cat_step(m, args) -> dict:
     g, n = args.samples, args.new_tokens
-    examples = [answers_example(i, q, a) for i, (q, a) in enumerate(workload.QUESTIONS)]
+    examples = [Example(id=str(i), question=q, answer=a) for i, (q, a) in enumerate(workload.QUESTIONS)]
     rc = cat_round.RoundConfig(num_rollouts=g, max_new_tokens=n, synthesis_max_new_tokens=n)
     rl = trainer.RLConfig(num_rollouts=g)  # the paper's setting: KL to the anchor in the reward
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
@@ -194,10 +193,6 @@ def task_cat_step(m, args) -> dict:
     times, first = workload.timed(run, args.repeats)
     return {"num_samples": g, "new_tokens": n, "rows": len(examples) * g,
             "round_fraction": float(np.median(phases[1:]))}, times, first
-
-
-def answers_example(i: int, question: str, answer: str) -> Example:
-    return Example(id=str(i), question=question, answer=answer)
 
 
 # --- 5. utilisation: the training step's FLOP/s vs the measured matmul peak --------------------
@@ -251,7 +246,7 @@ def task_mfu(m, args) -> dict:
     head at the completion positions, its recompute in the backward pass, attention). The peak
     is a 2048^3 `jnp.dot` in the model's dtype, measured in the same process."""
     prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
-    rl, opt = _rl_setup(m)
+    rl, opt = _rl_setup()
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
                           pad_id=m.tokenizer.pad_id)

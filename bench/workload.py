@@ -60,33 +60,32 @@ def model_dir(name: str) -> str:
     return os.path.join(MODELS_DIR, name)
 
 
-def build_models(smollm2_gguf: str | None) -> dict[str, str]:
+def build_models(smollm2_gguf: str) -> dict[str, str]:
     """Write the shared model directories if missing; returns name -> directory."""
+    import safetensors.torch
     import torch
     import transformers
 
-    out = {}
-    if smollm2_gguf:
-        d = model_dir("smollm2")
-        if not os.path.exists(os.path.join(d, "model.safetensors")):
-            kw = dict(gguf_file=os.path.basename(smollm2_gguf))
-            src = os.path.dirname(smollm2_gguf)
-            model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
-            tok = transformers.AutoTokenizer.from_pretrained(src, **kw)
-            # transformers will not re-save a GGUF-loaded model: write its float32 tensors directly.
-            import safetensors.torch
-            cfg = model.config
-            if hasattr(cfg, "quantization_config"):
-                del cfg.quantization_config
-            cfg.dtype = "float32"
-            state = {k: v.contiguous() for k, v in model.state_dict().items()
-                     if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-            os.makedirs(d, exist_ok=True)
-            safetensors.torch.save_file(state, os.path.join(d, "model.safetensors"),
-                                        metadata={"format": "pt"})
-            cfg.save_pretrained(d)
-            tok.save_pretrained(d)
-        out["smollm2"] = d
+    # SmolLM2 first: the tiny model takes its tokenizer.
+    d = model_dir("smollm2")
+    if not os.path.exists(os.path.join(d, "model.safetensors")):
+        kw = dict(gguf_file=os.path.basename(smollm2_gguf))
+        src = os.path.dirname(smollm2_gguf)
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        tok = transformers.AutoTokenizer.from_pretrained(src, **kw)
+        # transformers will not re-save a GGUF-loaded model: write its float32 tensors directly.
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.dtype = "float32"
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        os.makedirs(d, exist_ok=True)
+        safetensors.torch.save_file(state, os.path.join(d, "model.safetensors"),
+                                    metadata={"format": "pt"})
+        cfg.save_pretrained(d)
+        tok.save_pretrained(d)
+    out = {"smollm2": d}
     d = model_dir("tiny_qwen3")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         tok = transformers.AutoTokenizer.from_pretrained(out["smollm2"])
