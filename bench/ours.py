@@ -4,10 +4,12 @@
     .venv/bin/python bench/ours.py --task rl        --model DIR --new-tokens N
     .venv/bin/python bench/ours.py --task synthesis --model DIR --new-tokens N
     .venv/bin/python bench/ours.py --task cat_step  --model DIR --new-tokens N --samples G
+                                   [--micro-batch M]
     .venv/bin/python bench/ours.py --task mfu       --model DIR --new-tokens N
 
 Workloads are `workload.py`'s, the same as the peers'. One process per measurement, so peak
 memory (ru_maxrss) is that measurement's own. Compilation is timed apart (`first_s`).
+`CATJAX_HOST_MALLOC=retain` measures that option of catjax.hostmem (default: glibc's malloc).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import workload  # noqa: E402
 
-from catjax import models, sampling, text  # noqa: E402
+from catjax import hostmem, models, sampling, text  # noqa: E402
 from catjax.cat import round as cat_round  # noqa: E402
 from catjax.cat import rubrics  # noqa: E402
 from catjax.cat.local_judge import LocalJudge  # noqa: E402
@@ -172,7 +174,8 @@ def task_cat_step(m, args) -> dict:
     g, n = args.samples, args.new_tokens
     examples = [Example(id=str(i), question=q, answer=a) for i, (q, a) in enumerate(workload.QUESTIONS)]
     rc = cat_round.RoundConfig(num_rollouts=g, max_new_tokens=n, synthesis_max_new_tokens=n)
-    rl = trainer.RLConfig(num_rollouts=g)  # the paper's setting: KL to the anchor in the reward
+    # The paper's setting: KL to the anchor in the reward.
+    rl = trainer.RLConfig(num_rollouts=g, micro_batch=args.micro_batch)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
     anchor = m
     state = {"params": jax.tree.map(jnp.copy, m.params)}
@@ -192,6 +195,7 @@ def task_cat_step(m, args) -> dict:
         phases.append(t_round / (time.perf_counter() - t0))
     times, first = workload.timed(run, args.repeats)
     return {"num_samples": g, "new_tokens": n, "rows": len(examples) * g,
+            "micro_batch": args.micro_batch,
             "round_fraction": float(np.median(phases[1:]))}, times, first
 
 
@@ -287,9 +291,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, required=True)
     ap.add_argument("--samples", type=int, default=workload.NUM_SAMPLES)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="cat_step: rl.micro_batch (0: all rows at once)")
     ap.add_argument("--temperature", type=float, default=workload.TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=workload.TOP_P)
     args = ap.parse_args()
+    # CATJAX_HOST_MALLOC as `python -m catjax.main` reads it (default: glibc's malloc), set
+    # before the model load starts JAX's threads.
+    hostmem.configure()
     m = load(args.model)
     extra, times, first = TASKS[args.task](m, args)
     workload.emit(result(args.task, m, args.model, times, first, **extra))

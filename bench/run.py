@@ -43,7 +43,7 @@ PLANS = {
         rl=[("tiny_qwen3", 64, 2)],
         synthesis=[("tiny_qwen3", 64, 2)],
         scaling_g=("tiny_qwen3", 32, (1, 4, 16), 1),
-        scaling_n=("tiny_qwen3", 4, (32, 128), 1),
+        scaling_n=("tiny_qwen3", 4, (32, 128), 1, {}),
         mfu=[("tiny_qwen3", 64, 3)],
     ),
     "full": dict(
@@ -53,7 +53,8 @@ PLANS = {
         rl=[("tiny_qwen3", 128, 3), ("smollm2", 128, 2)],
         synthesis=[("tiny_qwen3", 128, 3), ("smollm2", 128, 2)],
         scaling_g=("tiny_qwen3", 128, (1, 2, 4, 8, 16), 3),
-        scaling_n=("tiny_qwen3", 8, (128, 256, 512, 1024), 2),
+        # Four micro-batches of 8 rows from N=512 up: N=1024 unsplit needs more than 24 GiB.
+        scaling_n=("tiny_qwen3", 8, (128, 256, 512, 1024), 2, {512: 8, 1024: 8}),
         mfu=[("tiny_qwen3", 128, 3), ("smollm2", 128, 3)],
     ),
 }
@@ -150,9 +151,10 @@ def main() -> None:
         model, n, gs, reps = plan["scaling_g"]
         for g in gs if "scaling" in only else ():
             res["scaling_g"].append(ours("cat_step", model, n, reps, log, samples=g))
-        model, g, ns, reps = plan["scaling_n"]
+        model, g, ns, reps, micro = plan["scaling_n"]
         for n in ns if "scaling" in only else ():
-            res["scaling_n"].append(ours("cat_step", model, n, reps, log, samples=g))
+            res["scaling_n"].append(ours("cat_step", model, n, reps, log, samples=g,
+                                         micro_batch=micro.get(n, 0)))
         print("5. utilisation: the training step vs the measured matmul peak", flush=True)
         for model, n, reps in plan["mfu"] if "mfu" in only else ():
             res["mfu"].append(ours("mfu", model, n, reps, log))

@@ -57,8 +57,10 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     logging.getLogger("jax").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint step at INFO
-    from catjax import parallel
+    from catjax import hostmem, parallel
 
+    # Before JAX starts its threads (CATJAX_HOST_MALLOC=retain: see hostmem).
+    hostmem.configure()
     # Before anything touches a JAX backend: devices are fixed once one is initialized.
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value)
