@@ -56,4 +56,9 @@ def configure(mode: str | None = None) -> bool:
     mode = mode if mode is not None else os.environ.get(ENV, "system")
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
-    return mode == "retain" and retain_freed_memory()
+    if mode != "retain":
+        return False
+    if retain_freed_memory():
+        return True
+    print(f"catjax: {ENV}=retain has no effect here: it needs glibc's malloc", file=sys.stderr)
+    return False

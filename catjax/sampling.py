@@ -275,10 +275,9 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if unroll_layers is None:
-        unroll_layers = default_unroll_layers()
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    unroll_layers = default_unroll_layers() if unroll_layers is None else bool(unroll_layers)
     if jax.process_count() > 1 and (parallel.is_global(params) or (
             mesh is not None and mesh.devices.size > jax.local_device_count())):
         return _sample_multiprocess(
@@ -309,7 +308,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
                   max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
                   pad_id=int(pad_id),
                   cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
-                  unroll_layers=bool(unroll_layers))
+                  unroll_layers=unroll_layers)
     rows = num_prompts * num_samples
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
@@ -349,7 +348,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                   parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
                   num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                   pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
-                  unroll_layers=bool(unroll_layers))
+                  unroll_layers=unroll_layers)
     rows = len(prompts) * num_samples
     return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 

@@ -61,6 +61,13 @@ def test_modes(monkeypatch):
     assert hostmem.configure() is False  # glibc's default unless asked
 
 
+def test_retain_off_glibc_says_so_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(hostmem, "retain_freed_memory", lambda: False)  # e.g. macOS, musl
+    assert hostmem.configure("retain") is False
+    assert capsys.readouterr().err == ("catjax: CATJAX_HOST_MALLOC=retain has no effect here: "
+                                       "it needs glibc's malloc\n")
+
+
 def test_cli_rejects_an_unknown_mode_in_one_line(tmp_path):
     env = {"CATJAX_HOST_MALLOC": "fast", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "catjax.main", "--config=configs/toy.py",
