@@ -1,19 +1,32 @@
 """GPU checks (run by bench/gpu.sh on an NVIDIA machine; no network needed).
 
-1. Decode throughput of a ~1B Qwen 3 config (random bf16 weights, bf16 KV cache) vs the
-   HBM-bandwidth roofline (bytes read per step = weights + live cache; bandwidth measured here).
-2. Training-step MFU: forward + backward of the same model vs the measured bf16 matmul peak.
-3. catjax vs transformers `generate` on the same GPU and the same weights.
-Prints a short table last and one JSON line.
+1. Ceilings measured here: a bf16 matmul, a copy (read + write) and a read-only reduction.
+2. Decode of a ~1B Qwen 3 config (random bf16 weights, bf16 KV cache) against the HBM roofline:
+   bytes a step must read (every weight once plus the live cache) over the measured read
+   bandwidth. The layer loop is timed both ways, `lax.scan` over stacked weights and unrolled
+   (`sampling.sample(unroll_layers=...)`), and one sampled call is profiled op by op.
+3. What one draw costs at 64 x 152k logits: the nucleus cut from one top-256 (a sort on GPUs)
+   against per-block candidates (`sampling._top_candidates`), top-p 1 and greedy.
+4. CaT's own cost: one anchor synthesis over G = 8 rollouts against one more rollout.
+5. Training-step MFU: forward + backward of the same model against the measured matmul peak.
+6. catjax against transformers `generate` on the same GPU and weights.
+
+Sections run in that order within `--budget-s` seconds; one that would not fit is skipped and
+says so. Prints a table last, then one JSON line. `--tiny` runs the same code on a small model
+(a dry run on a CPU).
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import os
 import sys
 import tempfile
 import time
+import traceback
+from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +36,8 @@ import numpy as np  # noqa: E402
 
 from catjax import models, sampling  # noqa: E402
 from catjax.models import hf  # noqa: E402
+
+ROWS_PER_PROMPT = 8  # G
 
 
 def timeit(fn, repeats=5):
@@ -35,88 +50,240 @@ def timeit(fn, repeats=5):
     return float(np.median(ts))
 
 
-def main():
-    dev = jax.devices()[0]
-    print("device:", dev.device_kind, "jax", jax.__version__, flush=True)
-    # Measured ceilings.
-    x = jnp.ones((8192, 8192), jnp.bfloat16)
-    mm = jax.jit(lambda a: a @ a)
-    t = timeit(lambda: mm(x))
-    peak = 2 * 8192**3 / t
-    big = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
-    inc = jax.jit(lambda a: a + 1)
-    t = timeit(lambda: inc(big))
-    bw = 2 * big.nbytes / t  # read + write
-    x = big = None  # free the buffers
-    print(f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.deadline = time.monotonic() + args.budget_s
+        self.rows: dict = {}
+        self.out = os.environ.get("OUT") or tempfile.mkdtemp()
+        os.makedirs(self.out, exist_ok=True)
 
-    cfg = models.get_preset("qwen3_4b").replace(num_layers=16, hidden_size=2048, mlp_dim=6144,
-                                                num_heads=16, num_kv_heads=8, dtype="bfloat16",
-                                                max_position=4096)
-    params = models.init_params(cfg, jax.random.key(0))
-    nbytes = sum(a.nbytes for a in jax.tree.leaves(params))
-    print(f"model: {models.param_count(params) / 1e9:.2f}B params, {nbytes / 2**30:.2f} GiB", flush=True)
+    def run(self, name: str, need_s: float, fn) -> None:
+        left = self.deadline - time.monotonic()
+        if left < need_s:
+            print(f"[{name}] skipped: {left:.0f} s of the budget left, needs ~{need_s:.0f}",
+                  flush=True)
+            return
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # one failed section must not lose the others' figures
+            traceback.print_exc()
+            self.rows[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows = {}
-    prompts = [list(np.random.default_rng(i).integers(100, 30000, 64)) for i in range(8)]
-    for g, n in ((8, 256),):
-        kw = dict(num_samples=g, max_new_tokens=n, temperature=0.7, top_p=0.95, stop_ids=())
-        t = timeit(lambda kw=kw: sampling.sample(cfg, params, prompts, rng=jax.random.key(1), **kw).tokens,
-                   repeats=3)
-        r = len(prompts) * g
-        tok_s = r * n / t
-        # Roofline: every step reads all weights once plus the live KV cache (bf16).
-        slots = 64 + n / 2  # mean live context over the run
-        cache = 2 * cfg.num_layers * r * cfg.num_kv_heads * slots * cfg.head_dim * 2
-        roof = r / ((nbytes + cache) / (bw / 2))  # bw/2: bytes read per second
-        rows["decode"] = dict(rows=r, new_tokens=n, tok_s=tok_s, roofline_tok_s=roof,
-                              frac_of_roofline=tok_s / roof)
-        print(f"decode {r} rows x {n}: {tok_s:,.0f} tok/s = {tok_s / roof:.0%} of roofline "
-              f"({roof:,.0f})", flush=True)
+    # --- 1 -------------------------------------------------------------------------------------
+    def ceilings(self):
+        n = 1024 if self.args.tiny else 8192
+        mm, inc = jax.jit(lambda a: a @ a), jax.jit(lambda a: a + 1)
+        total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+        arrs = {"x": jnp.ones((n, n), jnp.bfloat16)}
+        self.peak = 2 * n**3 / timeit(lambda: mm(arrs["x"]))
+        size = (1 << 22) if self.args.tiny else (1 << 31)  # 4 GiB of bf16
+        arrs["big"] = jnp.ones((size,), jnp.bfloat16)
+        t_copy = timeit(lambda: inc(arrs["big"]))
+        t_read = timeit(lambda: total(arrs["big"]))
+        nbytes = arrs["big"].nbytes
+        self.copy_bw, self.read_bw = 2 * nbytes / t_copy, nbytes / t_read
+        arrs.clear()  # free the device buffers before the model
+        self.rows["ceilings"] = dict(matmul_tflops=self.peak / 1e12, copy_tbs=self.copy_bw / 1e12,
+                                     read_tbs=self.read_bw / 1e12)
+        print(f"bf16 matmul {self.peak / 1e12:.0f} TFLOP/s; copy {self.copy_bw / 1e12:.2f} TB/s "
+              f"(read + write); read-only reduction {self.read_bw / 1e12:.2f} TB/s", flush=True)
 
-    # Training step: loss = mean log-prob of a [B, T] batch, forward + backward (+ AdamW-free).
-    b, t_len = 8, 1024
-    toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t_len)), jnp.int32)
-    tcfg = cfg.replace(remat=True)
+    # --- 2 -------------------------------------------------------------------------------------
+    def build_model(self):
+        if self.args.tiny:
+            self.cfg = models.get_preset("qwen3_4b").replace(
+                num_layers=2, hidden_size=128, mlp_dim=256, num_heads=4, num_kv_heads=2,
+                head_dim=32, vocab_size=4096, dtype="bfloat16", max_position=4096)
+        else:
+            self.cfg = models.get_preset("qwen3_4b").replace(
+                num_layers=16, hidden_size=2048, mlp_dim=6144, num_heads=16, num_kv_heads=8,
+                dtype="bfloat16", max_position=4096)
+        self.params = models.init_params(self.cfg, jax.random.key(0))
+        self.nbytes = sum(a.nbytes for a in jax.tree.leaves(self.params))
+        rng = np.random.default_rng(0)
+        self.prompts = [list(rng.integers(100, self.cfg.vocab_size - 100, 64)) for _ in range(8)]
+        print(f"model: {models.param_count(self.params) / 1e9:.3f}B params, "
+              f"{self.nbytes / 2**30:.2f} GiB, vocabulary {self.cfg.vocab_size}", flush=True)
 
-    def loss(p):
-        logits = models.forward(tcfg, p, toks)
-        return -jnp.mean(jax.nn.log_softmax(logits, -1)[..., 0])
+    def _decode(self, name, unroll, temperature, top_p, n):
+        cfg, g = self.cfg, ROWS_PER_PROMPT
+        kw = dict(num_samples=g, max_new_tokens=n, temperature=temperature, top_p=top_p,
+                  stop_ids=(), unroll_layers=unroll)
 
-    grad = jax.jit(jax.grad(loss))
-    t = timeit(lambda: grad(params), repeats=3)
-    flops = 3 * b * t_len * models.num_flops_per_token(cfg, t_len // 2)
-    flops_remat = flops * 4 / 3  # the forward runs twice with remat
-    rows["train"] = dict(tokens=b * t_len, step_s=t, mfu=flops / t / peak,
-                         hfu=flops_remat / t / peak)
-    print(f"train step {b}x{t_len}: {t * 1e3:.0f} ms, MFU {flops / t / peak:.1%} "
-          f"(HW util with remat {flops_remat / t / peak:.1%})", flush=True)
+        def call():
+            return sampling.sample(cfg, self.params, self.prompts, rng=jax.random.key(1),
+                                   **kw).tokens
 
-    # catjax vs transformers generate, same weights.
-    try:
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        first = time.perf_counter() - t0
+        t = timeit(call, repeats=3)
+        r = len(self.prompts) * g
+        p = sampling.bucket_length(64)
+        # A step reads every weight once and the cache of each row up to its position.
+        live = 2 * cfg.num_layers * r * cfg.num_kv_heads * (p + n / 2) * cfg.head_dim * 2
+        roof_s = (self.nbytes + live) / self.read_bw
+        step = t / n
+        row = dict(rows=r, new_tokens=n, tok_s=r * n / t, step_ms=step * 1e3,
+                   roofline_step_ms=roof_s * 1e3, frac_of_roofline=roof_s / step,
+                   achieved_read_tbs=(self.nbytes + live) / step / 1e12, first_call_s=first)
+        self.rows[name] = row
+        print(f"{name}: {r} rows x {n}: {row['tok_s']:,.0f} tok/s, {step * 1e3:.2f} ms/step "
+              f"(roofline {roof_s * 1e3:.2f} ms: {row['frac_of_roofline']:.0%}); first call "
+              f"{first:.1f} s", flush=True)
+        return call
+
+    def decode_layouts(self):
+        n = self.args.new_tokens
+        self.calls = {}
+        for layout in ("scan", "unroll"):
+            self.calls[layout] = self._decode(f"decode_{layout}", layout == "unroll", 0.7, 0.95, n)
+        self.best = min(("scan", "unroll"), key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
+        print(f"faster layer loop for decode: {self.best}", flush=True)
+
+    def decode_greedy(self):
+        self._decode("decode_greedy", self.best == "unroll", 0.0, 1.0, self.args.new_tokens)
+
+    # --- 3 -------------------------------------------------------------------------------------
+    def draw_costs(self):
+        v = self.cfg.vocab_size
+        rng = np.random.default_rng(0)
+        peaked = jnp.asarray(rng.normal(size=(64, v)).astype(np.float32) * 8)  # small nuclei
+        flat = jnp.asarray(rng.normal(size=(64, v)).astype(np.float32) * 0.02)  # random model
+        key = jax.random.key(0)
+        out = {}
+        for label, x in (("peaked", peaked), ("flat", flat)):
+            for blocks in (1, 128):
+                f = jax.jit(lambda x, b=blocks: sampling._nucleus_mask(x / 0.7, 0.95, blocks=b))
+                out[f"nucleus_{label}_blocks{blocks}_ms"] = timeit(lambda f=f, x=x: f(x), 10) * 1e3
+        for label, sp in (("top_p0.95", sampling.SamplingParams(0.7, 0, 0.95)),
+                          ("top_p1", sampling.SamplingParams(0.7, 0, 1.0)),
+                          ("top_k20", sampling.SamplingParams(0.7, 20, 1.0)),
+                          ("greedy", sampling.SamplingParams(0.0, 0, 1.0))):
+            f = jax.jit(lambda x, sp=sp: sampling.draw(x, key, sp))
+            out[f"draw_{label}_peaked_ms"] = timeit(lambda f=f: f(peaked), 10) * 1e3
+        self.rows["draw"] = out
+        print("draw at 64 x vocab (ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in out.items()),
+              flush=True)
+
+    def profile(self):
+        """One sampled call of the faster layout, traced; device time summed by op name."""
+        from jax.profiler import ProfileData
+        d = tempfile.mkdtemp()
+        jax.profiler.start_trace(d)
+        jax.block_until_ready(self.calls[self.best]())
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True))[-1]
+        data = ProfileData.from_file(path)
+        steps = self.args.new_tokens
+        summary = {}
+        for plane in data.planes:
+            if "GPU" not in plane.name and not self.args.tiny:
+                continue
+            for line in plane.lines:
+                # "XLA Ops" holds HLO ops (fusions, custom calls); streams hold the kernels.
+                kind = "ops" if "XLA Ops" in line.name else (
+                    "kernels" if "Stream" in line.name else None)
+                if kind is None:
+                    continue
+                tot = defaultdict(float)
+                for ev in line.events:
+                    tot[ev.name] += ev.duration_ns
+                key = f"{kind}:{plane.name}:{line.name}"
+                summary[key] = sorted(tot.items(), key=lambda kv: -kv[1])
+        report = {}
+        for key, items in summary.items():
+            total = sum(v for _, v in items)
+            if total == 0:
+                continue
+            print(f"profile {key}: {total / 1e6:.1f} ms in all, {total / 1e6 / steps:.3f} ms a "
+                  f"decode step; top ops (ms a step, share):", flush=True)
+            for name, ns in items[:18]:
+                print(f"   {ns / 1e6 / steps:8.4f}  {ns / total:6.1%}  {name[:110]}")
+            report[key] = [(name, ns / 1e6) for name, ns in items[:40]]
+        self.rows["profile_top_ms"] = report
+        with open(os.path.join(self.out, "profile_summary.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+    # --- 4 -------------------------------------------------------------------------------------
+    def _one(self, prompts, temperature):
+        return sampling.sample(self.cfg, self.params, prompts, num_samples=1,
+                               max_new_tokens=self.args.new_tokens, stop_ids=(),
+                               rng=jax.random.key(2), temperature=temperature,
+                               unroll_layers=self.best == "unroll").tokens
+
+    def synthesis(self):
+        """Per question: the anchor reads G x N rollout tokens (plus ~150 of instructions) and
+        writes N greedily, against one more N-token rollout of the 64-token question. Token ids
+        are random: the cost depends on lengths only."""
+        cfg, n, g = self.cfg, self.args.new_tokens, ROWS_PER_PROMPT
+        rng = np.random.default_rng(1)
+        for questions in (4, 32):
+            syn = [list(rng.integers(100, cfg.vocab_size - 100, g * n + 150))
+                   for _ in range(questions)]
+            qs = (self.prompts * 4)[:questions]
+            t_syn = timeit(lambda syn=syn: self._one(syn, 0.0), 3)
+            t_roll = timeit(lambda qs=qs: self._one(qs, 1.0), 3)
+            self.rows[f"synthesis_{questions}q"] = dict(
+                synthesis_s=t_syn, rollout_s=t_roll, synthesis_vs_rollout=t_syn / t_roll,
+                synthesis_prompt_tokens=len(syn[0]))
+            print(f"synthesis vs one more rollout, {questions} questions, N={n}: {t_syn:.3f} vs "
+                  f"{t_roll:.3f} s = {t_syn / t_roll:.2f}x", flush=True)
+
+    # --- 5 -------------------------------------------------------------------------------------
+    def train(self):
+        cfg = self.cfg
+        b, t_len = (2, 128) if self.args.tiny else (8, 1024)
+        toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t_len)),
+                           jnp.int32)
+        tcfg = cfg.replace(remat=True)
+
+        def loss(p):
+            logits = models.forward(tcfg, p, toks)
+            return -jnp.mean(jax.nn.log_softmax(logits, -1)[..., 0])
+
+        grad = jax.jit(jax.grad(loss))
+        t = timeit(lambda: grad(self.params), repeats=3)
+        flops = 3 * b * t_len * models.num_flops_per_token(cfg, t_len // 2)
+        self.rows["train"] = dict(tokens=b * t_len, step_s=t, mfu=flops / t / self.peak,
+                                  hfu=flops * 4 / 3 / t / self.peak)
+        print(f"train step {b}x{t_len}: {t * 1e3:.0f} ms, MFU {flops / t / self.peak:.1%} "
+              f"(with the remat forward {flops * 4 / 3 / t / self.peak:.1%})", flush=True)
+
+    # --- 6 -------------------------------------------------------------------------------------
+    def vs_transformers(self):
         import torch
         import transformers
-    except ImportError:
-        torch = None
-    if torch is not None and torch.cuda.is_available():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cpu" and not self.args.tiny:
+            print("[vs_transformers] no CUDA torch here", flush=True)
+            return
         with tempfile.TemporaryDirectory() as d:
-            hf.save_hf_dir(cfg, params, d, dtype="bfloat16")
-            del params
-            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
-            cfg2, params2 = models.from_pretrained(d)
-        g, n = 8, 128
-        kw = dict(num_samples=g, max_new_tokens=n, temperature=0.7, top_p=0.95, stop_ids=())
-        t_ours = timeit(
-            lambda: sampling.sample(cfg2, params2, prompts[:4], rng=jax.random.key(2), **kw).tokens,
-            repeats=3)
-        ids = torch.tensor([p for p in prompts[:4]]).cuda()
+            hf.save_hf_dir(self.cfg, self.params, d, dtype="bfloat16")
+            ref = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype=torch.bfloat16).to(dev).eval()
+            cfg2, loaded = models.from_pretrained(d)
+        g, n = ROWS_PER_PROMPT, 128
+        kw = dict(num_samples=g, max_new_tokens=n, temperature=0.7, top_p=0.95, stop_ids=(),
+                  unroll_layers=self.best == "unroll")
+        held = {"params": loaded}
+        t_ours = timeit(lambda: sampling.sample(cfg2, held["params"], self.prompts[:4],
+                                                rng=jax.random.key(2), **kw).tokens, repeats=3)
+        held.clear()
+        ids = torch.tensor(self.prompts[:4]).to(dev)
+
         def gen():
             with torch.no_grad():
                 out = ref.generate(ids, do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
                                    num_return_sequences=g, max_new_tokens=n, min_new_tokens=n,
                                    pad_token_id=0)
-            torch.cuda.synchronize()
+            if dev == "cuda":
+                torch.cuda.synchronize()
             return out
+
         gen()
         ts = []
         for _ in range(3):
@@ -124,20 +291,57 @@ def main():
             gen()
             ts.append(time.perf_counter() - t0)
         t_hf = float(np.median(ts))
-        rows["vs_transformers"] = dict(catjax_tok_s=32 * n / t_ours, transformers_tok_s=32 * n / t_hf,
-                                       ratio=t_hf / t_ours)
-        print(f"sampler 4x8 rows x {n}: catjax {32 * n / t_ours:,.0f} tok/s, transformers "
-              f"{32 * n / t_hf:,.0f} tok/s, ratio {t_hf / t_ours:.2f}x", flush=True)
-    print("\n| check | figure |\n|---|---|")
-    print(f"| bf16 matmul peak | {peak / 1e12:.0f} TFLOP/s |")
-    print(f"| copy bandwidth | {bw / 1e12:.2f} TB/s |")
-    if "decode" in rows:
-        print(f"| decode vs roofline | {rows['decode']['frac_of_roofline']:.0%} |")
-    print(f"| train MFU | {rows['train']['mfu']:.1%} |")
-    if "vs_transformers" in rows:
-        print(f"| sampler vs transformers | {rows['vs_transformers']['ratio']:.2f}x |")
-    print(json.dumps({"device": dev.device_kind, "peak_tflops": peak / 1e12, "bw_tbs": bw / 1e12,
-                      **rows}))
+        rows = 4 * g
+        self.rows["vs_transformers"] = dict(catjax_tok_s=rows * n / t_ours,
+                                            transformers_tok_s=rows * n / t_hf, ratio=t_hf / t_ours)
+        print(f"sampler 4x8 rows x {n}: catjax {rows * n / t_ours:,.0f} tok/s, transformers "
+              f"{rows * n / t_hf:,.0f} tok/s: {t_hf / t_ours:.2f}x", flush=True)
+
+    def table(self):
+        r = self.rows
+        print("\n| check | figure |\n|---|---|")
+        if "ceilings" in r:
+            c = r["ceilings"]
+            print(f"| bf16 matmul peak | {c['matmul_tflops']:.0f} TFLOP/s |")
+            print(f"| bandwidth: copy (read + write) / read-only | {c['copy_tbs']:.2f} / "
+                  f"{c['read_tbs']:.2f} TB/s |")
+        for k in ("decode_scan", "decode_unroll", "decode_greedy"):
+            if k in r:
+                print(f"| {k} | {r[k]['tok_s']:,.0f} tok/s, {r[k]['step_ms']:.2f} ms/step = "
+                      f"{r[k]['frac_of_roofline']:.0%} of the roofline |")
+        for k in ("synthesis_4q", "synthesis_32q"):
+            if k in r:
+                print(f"| {k} vs one more rollout | {r[k]['synthesis_vs_rollout']:.2f}x |")
+        if "train" in r:
+            print(f"| train MFU | {r['train']['mfu']:.1%} |")
+        if "vs_transformers" in r:
+            print(f"| sampler vs transformers | {r['vs_transformers']['ratio']:.2f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=450.0)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--tiny", action="store_true", help="a small model: a dry run on a CPU")
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    print("device:", dev.device_kind, "| jax", jax.__version__, flush=True)
+    b = Bench(args)
+    b.run("ceilings", 0, b.ceilings)
+    b.run("model", 0, b.build_model)
+    b.run("decode_layouts", 0, b.decode_layouts)
+    if not hasattr(b, "best"):
+        b.best = "scan"
+    b.run("draw_costs", 30, b.draw_costs)
+    if hasattr(b, "calls"):
+        b.run("profile", 40, b.profile)
+    b.run("synthesis", 120, b.synthesis)
+    b.run("decode_greedy", 45, b.decode_greedy)
+    b.run("train", 60, b.train)
+    b.run("vs_transformers", 60, b.vs_transformers)
+    b.table()
+    print(json.dumps({"device": dev.device_kind, **{k: v for k, v in b.rows.items()
+                                                  if k != "profile_top_ms"}}))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,54 @@ def test_truncated_distribution_is_followed(sp):
     np.testing.assert_allclose(lps, np.log(target[np.asarray(toks)]), atol=1e-5)
 
 
+def _sorted_nucleus(logits_bv, top_p):
+    p = np.asarray(jax.nn.softmax(jnp.asarray(logits_bv), -1), np.float64)
+    keep = np.zeros(p.shape, bool)
+    for r in range(p.shape[0]):
+        order = np.argsort(-p[r], kind="stable")
+        keep[r, order[(np.cumsum(p[r][order]) - p[r][order]) < top_p]] = True
+    return keep
+
+
+def _crowded_block_row(v: int) -> np.ndarray:
+    """Log-probs whose candidates reach top_p 0.85 while the true cut needs all 20 tokens of
+    one block (only 16 are candidates): the fast cut would be wrong, the bound must catch it."""
+    rng = np.random.default_rng(1)
+    p = np.full(v, 0.05 / v)
+    p[rng.choice(np.arange(2000, v, 157), 30, replace=False)] = 0.02 + rng.uniform(0, 1e-3, 30)
+    p[200:220] = 0.01 + np.linspace(0, 2e-4, 20)  # one block (156 wide at 20011 / 128)
+    p[np.arange(2001, v, 173)[:100]] = 0.0015 + np.linspace(0, 1e-4, 100)
+    return np.log(p / p.sum()).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["spread", "one_block", "crowded", "flat"])
+def test_blockwise_candidates_equal_a_full_sort(case):
+    # The accelerator path (candidates from 128 blocks) forced here on the CPU, on a vocabulary
+    # that does not divide into the blocks: spread-out nuclei take the fast cut; a nucleus of
+    # 100 tokens inside one block (more than its 16 candidates) and a flat row must fall back.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 20011)).astype(np.float32) * 5
+    top_p = 0.9
+    if case == "one_block":
+        logits[1, 3000:3100] += 25.0
+    if case == "crowded":
+        logits[0] = _crowded_block_row(logits.shape[1])
+        logits[1:] = logits[0]
+        top_p = 0.85
+    if case == "flat":  # distinct, nearly equal: the bisection's cut is exact to a few tokens
+        logits[2] = rng.permutation(np.linspace(0.0, 0.01, logits.shape[1]))
+    want = _sorted_nucleus(logits, top_p)
+    got = np.asarray(sampling._nucleus_mask(jnp.asarray(logits), top_p, blocks=128))
+    rows = [0, 1, 3] if case == "flat" else [0, 1, 2, 3]
+    np.testing.assert_array_equal(got[rows], want[rows])
+    assert abs(int(got[2].sum()) - int(want[2].sum())) <= 5
+    for k in (20, 64):
+        vals, idx = sampling._top_k(jnp.asarray(logits), k, blocks=128)
+        ref_vals, _ = jax.lax.top_k(jnp.asarray(logits), k)
+        np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+        np.testing.assert_array_equal(np.take_along_axis(logits, np.asarray(idx), -1), vals)
+
+
 def test_flat_distribution_takes_the_bisection_path():
     # 1000 near-equal tokens: the top-256 candidates hold < top_p, so the bisection decides.
     logits = jnp.concatenate([jnp.linspace(0.0, 0.01, 1000), jnp.full(24, -30.0)])
