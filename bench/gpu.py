@@ -5,8 +5,9 @@
    bytes a step must read (every weight once plus the live cache) over the measured read
    bandwidth. The layer loop is timed both ways, `lax.scan` over stacked weights and unrolled
    (`sampling.sample(unroll_layers=...)`), and one sampled call is profiled op by op.
-3. What one draw costs at 64 x 152k logits: the nucleus cut from one top-256 (a sort on GPUs)
-   against per-block candidates (`sampling._top_candidates`), top-p 1 and greedy.
+3. What one draw costs at 64 x 152k logits (GPU time, 50 calls in one jit): top-k and the
+   nucleus cut from one `lax.top_k` (a sort on GPUs) against the best blocks first
+   (`sampling._top_k`), the threshold search, and each sampling setting.
 4. CaT's own cost: one anchor synthesis over G = 8 rollouts against one more rollout.
 5. Training-step MFU: forward + backward of the same model against the measured matmul peak.
 6. catjax against transformers `generate` on the same GPU and weights.
@@ -149,25 +150,43 @@ class Bench:
 
     # --- 3 -------------------------------------------------------------------------------------
     def draw_costs(self):
+        """GPU time of one call at 64 x vocabulary: 50 calls inside one jit, minus the loop."""
         v = self.cfg.vocab_size
         rng = np.random.default_rng(0)
         peaked = jnp.asarray(rng.normal(size=(64, v)).astype(np.float32) * 8)  # small nuclei
         flat = jnp.asarray(rng.normal(size=(64, v)).astype(np.float32) * 0.02)  # random model
         key = jax.random.key(0)
+
+        def per_call_us(fn, x, n=50):
+            def loop(x):
+                def body(i, acc):
+                    out = fn(x + i.astype(jnp.float32) * 1e-9)  # a new input every call
+                    return acc + sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+                return jax.lax.fori_loop(0, n, body, jnp.float32(0))
+            looped = jax.jit(loop)
+            return timeit(lambda: looped(x), 5) / n * 1e6
+
+        base = per_call_us(lambda a: a[:, :1], peaked)
+        sps = {"top_p0.95": (0.7, 0, 0.95), "top_k20": (0.7, 20, 1.0),
+               "top_k20_top_p0.8": (0.7, 20, 0.8), "top_p1": (0.7, 0, 1.0), "greedy": (0.0, 0, 1.0)}
+        cases = {f"draw_{k}": (lambda a, sp=sp: sampling.draw(a, key, sampling.SamplingParams(*sp)))
+                 for k, sp in sps.items()}
+        cases["draw_top_p0.95_flat"] = cases["draw_top_p0.95"]
+        for blk in (0, 32, 64, 128):  # 0: one lax.top_k over the row (a sort here)
+            cases[f"top_k20_block{blk}"] = lambda a, blk=blk: sampling._top_k(a, 20, blk)[:2]
+        for blk in (0, 16, 32):
+            cases[f"nucleus_block{blk}"] = (
+                lambda a, blk=blk: sampling._nucleus_mask(a / 0.7, 0.95, block=blk))
+        for ways, passes in ((1, 24), (16, 6)):
+            cases[f"threshold_search_{ways}x{passes}"] = (
+                lambda a, w=ways, p=passes: sampling._nucleus_threshold(
+                    jax.nn.softmax(a, -1), 0.95, w, p))
         out = {}
-        for label, x in (("peaked", peaked), ("flat", flat)):
-            for blocks in (1, 128):
-                f = jax.jit(lambda x, b=blocks: sampling._nucleus_mask(x / 0.7, 0.95, blocks=b))
-                out[f"nucleus_{label}_blocks{blocks}_ms"] = timeit(lambda f=f, x=x: f(x), 10) * 1e3
-        for label, sp in (("top_p0.95", sampling.SamplingParams(0.7, 0, 0.95)),
-                          ("top_p1", sampling.SamplingParams(0.7, 0, 1.0)),
-                          ("top_k20", sampling.SamplingParams(0.7, 20, 1.0)),
-                          ("greedy", sampling.SamplingParams(0.0, 0, 1.0))):
-            f = jax.jit(lambda x, sp=sp: sampling.draw(x, key, sp))
-            out[f"draw_{label}_peaked_ms"] = timeit(lambda f=f: f(peaked), 10) * 1e3
+        for name, fn in cases.items():
+            out[name + "_us"] = per_call_us(fn, flat if name.endswith("flat") else peaked) - base
         self.rows["draw"] = out
-        print("draw at 64 x vocab (ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in out.items()),
-              flush=True)
+        print("GPU time per call at 64 x vocabulary (us): " +
+              ", ".join(f"{k[:-3]} {v:.0f}" for k, v in out.items()), flush=True)
 
     def profile(self):
         """One sampled call of the faster layout, traced; device time summed by op name."""

@@ -114,9 +114,9 @@ def unstack_layers(params: Params) -> Params:
 
     `hidden_cached` then runs the layers as straight-line code. On the CPU a decode step under
     `lax.scan` copies every layer's weights (a dynamic slice feeding a dot is materialised) and
-    cache: 540 MB per step for SmolLM2-135M in float32, about a third of the step. Slicing once
-    before the decode loop costs one copy of the weights in memory instead, which accelerators
-    (where the slice fuses into the matmul) do not need to pay.
+    cache: 540 MB per step for SmolLM2-135M in float32, about a third of the step. On an H200
+    the scanned step of a 1.1B model took 4.85 ms against 2.92 ms unrolled (bench/gpu.sh).
+    Slicing once before the decode loop costs one copy of the weights in memory instead.
     """
     layers = params["layers"]
     if isinstance(layers, tuple | list):
