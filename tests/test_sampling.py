@@ -141,9 +141,9 @@ def _crowded_block_row(v: int) -> np.ndarray:
 @pytest.mark.parametrize("case", ["spread", "one_block", "crowded", "flat"])
 def test_blockwise_candidates_equal_a_full_sort(case):
     # The accelerator path (candidates from the best blocks of 64) forced here on the CPU, on a
-    # vocabulary that does not divide into blocks: spread-out nuclei take the fast cut; a
-    # nucleus of 100 tokens in one block and a flat row need more than 256 candidates and fall
-    # back to the threshold search, here with the accelerators' 16 ways.
+    # vocabulary that does not divide into blocks: nuclei spread out, packed into two blocks or
+    # mixing both take the fast cut; a flat row needs more than 256 candidates and falls back
+    # to the threshold search, here with the accelerators' 16 ways.
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 20011)).astype(np.float32) * 5
     top_p = 0.9
