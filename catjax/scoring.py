@@ -8,7 +8,7 @@ logits are only formed at the positions that are scored.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,23 @@ def _last_logits(cfg: ModelConfig, params: Params, tokens_bt, lengths_b):
 
 
 def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
-                      pad_id: int = 0, batch_size: int = 16) -> np.ndarray:
+                      pad_id: int = 0, batch_size: int = 16,
+                      groups: Sequence[Hashable] | None = None) -> np.ndarray:
     """float32 logits [B, V] of the token that would follow each prompt.
 
+    `groups` (one key per prompt) marks prompts that share a long start, e.g. one response
+    judged on several criteria: each group's common token prefix is run once and its keys and
+    values are shared by the group's rows (`_shared_prefix_logits`); same logits.
+
     Multi-process, with global params (see `is_collective`): every process calls it with its own
-    prompts (maybe none) and gets its own rows.
+    prompts (maybe none) and gets its own rows; `groups` is not used there.
     """
+    if groups is not None and len(groups) != len(prompts):
+        raise ValueError(f"last_token_logits: {len(groups)} groups for {len(prompts)} prompts")
     if is_collective(params):
         return _last_token_logits_multiprocess(cfg, params, prompts, pad_id, batch_size)
+    if groups is not None:
+        return _grouped_last_token_logits(cfg, params, prompts, groups, pad_id, batch_size)
     out = []
     rows = _batch_rows(len(prompts), batch_size)
     for start in range(0, len(prompts), rows):
@@ -44,6 +53,70 @@ def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
         logits = _last_logits(cfg, params, jnp.asarray(toks), jnp.asarray(lens))
         out.append(np.asarray(logits)[:len(chunk)])
     return np.concatenate(out, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _shared_prefix_logits(cfg: ModelConfig, params: Params, prefix_gp, prefix_len_g, suffix_rs,
+                          suffix_len_r, group_r):
+    """Next-token logits [R, V] of prefix[group[r]] + suffix[r]: each prefix runs once.
+
+    Prefixes are written into a cache from slot 0 (slot = position), the cache rows are then
+    gathered per suffix, and each suffix is written after its prefix's real length: the padding
+    slots in between are overwritten or causally hidden, as in the sampler's ragged prompts.
+    """
+    g, p = prefix_gp.shape
+    r, s = suffix_rs.shape
+    cache = models.init_cache(cfg, g, p + s)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (g, p))
+    _, cache = models.hidden_cached(cfg, params, prefix_gp, positions, cache, prefill=True)
+    cache = jax.tree.map(lambda c: jnp.take(c, group_r, axis=1), cache)
+    positions = prefix_len_g[group_r][:, None] + jnp.arange(s, dtype=jnp.int32)
+    hidden, _ = models.hidden_cached(cfg, params, suffix_rs, positions, cache)
+    last = jnp.take_along_axis(hidden, (suffix_len_r - 1)[:, None, None], axis=1)
+    return models.logits_from_hidden(cfg, params, last)[:, 0]
+
+
+def _grouped_last_token_logits(cfg: ModelConfig, params: Params,
+                               prompts: Sequence[Sequence[int]], groups: Sequence[Hashable],
+                               pad_id: int, batch_size: int) -> np.ndarray:
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    parts = []  # (prefix, [(row, suffix)]): every suffix keeps at least its last token
+    for rows in members.values():
+        seqs = [list(prompts[i]) for i in rows]
+        if not all(seqs):
+            raise ValueError("last_token_logits: an empty prompt")
+        n = min(len(q) for q in seqs) - 1
+        for q in seqs[1:]:
+            n = next((j for j in range(n) if q[j] != seqs[0][j]), n)
+        parts.append((seqs[0][:n], [(i, q[n:]) for i, q in zip(rows, seqs, strict=True)]))
+    out = np.zeros((len(prompts), cfg.vocab_size), np.float32)
+    start = 0
+    while start < len(parts):  # as many whole groups as fit in batch_size rows (at least one)
+        end, rows = start + 1, len(parts[start][1])
+        while end < len(parts) and rows + len(parts[end][1]) <= batch_size:
+            rows += len(parts[end][1])
+            end += 1
+        chunk = parts[start:end]
+        prefixes = [pre for pre, _ in chunk]
+        suffixes = [(k, i, suf) for k, (_, items) in enumerate(chunk) for i, suf in items]
+        g, r = _batch_rows(len(prefixes), 1 << 30), _batch_rows(len(suffixes), 1 << 30)
+        prefix = _pad(prefixes, g, bucket_length(max(max(map(len, prefixes)), 1)), pad_id)
+        prefix_len = np.asarray([len(q) for q in prefixes] + [0] * (g - len(prefixes)), np.int32)
+        suffix = _pad([q for _, _, q in suffixes], r,
+                      bucket_length(max(len(q) for _, _, q in suffixes)), pad_id)
+        suffix_len = np.ones(r, np.int32)
+        group = np.zeros(r, np.int32)
+        for j, (k, _, q) in enumerate(suffixes):
+            suffix_len[j], group[j] = len(q), k
+        logits = np.asarray(_shared_prefix_logits(
+            cfg, params, jnp.asarray(prefix), jnp.asarray(prefix_len), jnp.asarray(suffix),
+            jnp.asarray(suffix_len), jnp.asarray(group)))
+        for j, (_, i, _) in enumerate(suffixes):
+            out[i] = logits[j]
+        start = end
+    return out
 
 
 def is_collective(params: Params) -> bool:

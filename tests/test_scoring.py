@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from catjax import models, scoring
 
@@ -21,3 +22,30 @@ def test_continuation_logprobs_and_last_token_logits_match_forward():
         want = logp[np.arange(len(p) - 1, len(p) + len(c) - 1), c]
         np.testing.assert_allclose(lp, want, atol=1e-5)
         np.testing.assert_allclose(lg, np.asarray(logits[len(p) - 1]), atol=1e-4)
+
+
+def test_grouped_prompts_share_their_prefix_with_the_same_logits():
+    # Rows judging one response share its tokens: those run once, then each row's own end.
+    cfg = models.get_preset("tiny_gemma3")  # sliding-window layers too
+    assert cfg.sliding_window and cfg.sliding_window < 40
+    params = models.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    shared = rng.integers(1, 500, 40).tolist()
+    prompts, groups = [], []
+    for key, items in {
+        "a": [shared + rng.integers(1, 500, n).tolist() for n in (3, 10, 1)],
+        "solo": [rng.integers(1, 500, 7).tolist()],
+        "same": [shared[:12]] * 2,  # identical: the last token is each row's own part
+        "none": [[5, 6, 7], [8, 6, 7, 9]],  # nothing in common
+        "big": [shared[:20] + [i + 1] * (i % 3 + 1) for i in range(6)],  # more rows than a batch
+    }.items():
+        prompts += items
+        groups += [key] * len(items)
+    order = rng.permutation(len(prompts))  # groups interleaved
+    prompts, groups = [prompts[i] for i in order], [groups[i] for i in order]
+    want = scoring.last_token_logits(cfg, params, prompts, batch_size=4)
+    got = scoring.last_token_logits(cfg, params, prompts, batch_size=4, groups=groups)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want).max() > 1e-3  # not all zeros
+    with pytest.raises(ValueError, match="3 groups for 14 prompts"):
+        scoring.last_token_logits(cfg, params, prompts, groups=groups[:3])

@@ -49,8 +49,10 @@ class LocalJudge(Judge):
             [{**m, "content": prompts.fence_specials(m["content"], specials)}
              for m in prompts.judge(c, r)], add_generation_prompt=True, **self.chat_kwargs)
             + self.prefill for c, r in pairs]
+        # The response comes before the criterion in the prompt: the rows judging one response
+        # share its tokens, which run once (`groups`).
         logits = scoring.last_token_logits(self.cfg, self.params, ids, self.tokenizer.pad_id,
-                                           self.batch_size)
+                                           self.batch_size, groups=[r for _, r in pairs])
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         p_yes = np.exp(logp[:, self.yes_ids]).sum(-1)
         p_no = np.exp(logp[:, self.no_ids]).sum(-1)

@@ -64,7 +64,7 @@ def test_local_judge_reads_only_its_own_next_token_distribution(tiny, monkeypatc
     judge = local_judge.LocalJudge(tiny.cfg, tiny.params, tiny.tokenizer)
     yes, no = judge.yes_ids[0], judge.no_ids[0]
 
-    def fake_logits(cfg, params, prompt_ids, pad_id, batch_size):
+    def fake_logits(cfg, params, prompt_ids, pad_id, batch_size, groups=None):
         # The "model" says yes only for criteria marked [ok], whatever the response claims.
         out = np.zeros((len(prompt_ids), cfg.vocab_size), np.float32)
         for i, ids in enumerate(prompt_ids):
