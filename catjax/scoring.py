@@ -101,8 +101,9 @@ def _grouped_last_token_logits(cfg: ModelConfig, params: Params,
         chunk = parts[start:end]
         prefixes = [pre for pre, _ in chunk]
         suffixes = [(k, i, suf) for k, (_, items) in enumerate(chunk) for i, suf in items]
+        # Powers of two (rows) and length buckets: a handful of shapes compile, not one per call.
         g, r = _batch_rows(len(prefixes), 1 << 30), _batch_rows(len(suffixes), 1 << 30)
-        prefix = _pad(prefixes, g, bucket_length(max(max(map(len, prefixes)), 1)), pad_id)
+        prefix = _pad(prefixes, g, bucket_length(max(map(len, prefixes))), pad_id)
         prefix_len = np.asarray([len(q) for q in prefixes] + [0] * (g - len(prefixes)), np.int32)
         suffix = _pad([q for _, _, q in suffixes], r,
                       bucket_length(max(len(q) for _, _, q in suffixes)), pad_id)
