@@ -165,8 +165,7 @@ def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_b
     are formed for the scored tokens, not for the whole (mostly context) sequence."""
     hidden = models.hidden_states(cfg, params, tokens_bt)
     hidden = jnp.take_along_axis(hidden, pred_index_bc[..., None], axis=1)
-    logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, hidden), axis=-1)
-    return jnp.take_along_axis(logp, targets_bc[..., None], axis=-1)[..., 0]
+    return models.token_logprobs(cfg, params, hidden, targets_bc)[0]
 
 
 def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],

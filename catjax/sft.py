@@ -37,10 +37,9 @@ SYNTHESIS_LEN = 224  # eight rollouts, separators, markers, solution, end token
 
 def token_nll(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, mask_bt: jax.Array):
     """(sum of target-token negative log-likelihoods, number of target tokens)."""
-    logits = models.forward(cfg, params, tokens_bt[:, :-1])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask_bt), jnp.sum(mask_bt)
+    hidden = models.hidden_states(cfg, params, tokens_bt[:, :-1])
+    logp, _ = models.token_logprobs(cfg, params, hidden, tokens_bt[:, 1:])
+    return -jnp.sum(logp * mask_bt), jnp.sum(mask_bt)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnums=(1, 2))

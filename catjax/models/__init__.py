@@ -31,13 +31,14 @@ from catjax.models.decoder import (
     param_shapes,
     unstack_layers,
 )
+from catjax.models.logprobs import token_logprobs
 
 __all__ = [
     "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "abstract_params", "embed",
     "forward", "forward_cached", "from_pretrained", "get_preset", "hidden_cached", "hidden_states",
     "init_cache",
     "init_params", "logical_axes", "logits_from_hidden", "num_flops_per_token", "param_count",
-    "param_shapes", "save_pretrained", "unstack_layers",
+    "param_shapes", "save_pretrained", "token_logprobs", "unstack_layers",
 ]
 
 

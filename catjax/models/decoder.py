@@ -301,14 +301,21 @@ def embed(cfg: ModelConfig, params: Params, tokens_bt: jax.Array) -> jax.Array:
 def logits_from_hidden(cfg: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
     """Final norm and output head; float32 logits [B, T, V]."""
     x_btd = rms_norm(cfg, x_btd, params["final_norm"])
-    if cfg.tie_embeddings:
-        logits = jnp.einsum("btd,vd->btv", x_btd, params["embed"],
-                            preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("btd,dv->btv", x_btd, params["lm_head"],
-                            preferred_element_type=jnp.float32)
-    if cfg.final_logit_softcap:
-        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return head_logits(x_btd, head_weight(cfg, params), cfg.tie_embeddings,
+                       cfg.final_logit_softcap or 0.0)
+
+
+def head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The output head: the embedding [V, D] when tied, else `lm_head` [D, V]."""
+    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+
+def head_logits(x_btd: jax.Array, w: jax.Array, tied: bool, softcap: float) -> jax.Array:
+    """float32 logits [B, T, V] of normed hidden states through the head weight `w`."""
+    spec = "btd,vd->btv" if tied else "btd,dv->btv"
+    logits = jnp.einsum(spec, x_btd, w, preferred_element_type=jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
     return logits
 
 

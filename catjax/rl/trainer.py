@@ -113,31 +113,29 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict,
 
     Full-vocabulary float32 logits are the update's largest activation (~0.9 GiB per 1536-token
     row at a 152k vocabulary, times the log-softmax and its gradient): chunked, only [R, chunk, V]
-    is live, and the backward pass recomputes a chunk's logits (`jax.checkpoint`) instead of
-    storing them. The values are the unchunked ones; a remainder (chunk not dividing N) is one
-    more, smaller chunk.
+    is live, and the backward pass recomputes a chunk's logits (`models.token_logprobs` keeps only
+    per-position statistics between the passes) instead of storing them. The values are the
+    unchunked ones; a remainder (chunk not dividing N) is one more, smaller chunk.
     """
     hidden = models.hidden_states(cfg, params, batch["tokens"], positions_bt=batch["positions"],
                                   mask_bt=batch["key_mask"])
     hidden = jnp.take_along_axis(hidden, batch["pred_index"][..., None], axis=1)
 
-    def score(h_btd: jax.Array, t_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, h_btd), axis=-1)
-        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return jnp.take_along_axis(logp, t_bt[..., None], axis=-1)[..., 0], ent
-
     if not chunk or chunk >= hidden.shape[1]:
-        return score(hidden, batch["targets"])
+        return models.token_logprobs(cfg, params, hidden, batch["targets"])
+    score = functools.partial(models.token_logprobs, cfg, params, keep_logits=False)
 
-    def position(ht: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        lp, ent = score(ht[0][:, None], ht[1][:, None])  # one completion position of every row
-        return lp[:, 0], ent[:, 0]
-
-    # Positions first: lax.map vmaps `position` over `chunk` of them per step (the remainder in
-    # a last vmap); rows stay the batch axis, sharded as before.
-    lp, ent = jax.lax.map(jax.checkpoint(position), (jnp.swapaxes(hidden, 0, 1), batch["targets"].T),
-                          batch_size=chunk)
-    return lp.T, ent.T
+    # Chunks lead, rows stay the batch axis (sharded as before); lax.map runs the chunks one
+    # after the other, and a remainder (chunk not dividing N) is one more, smaller call.
+    rows, n = hidden.shape[:2]
+    full = n // chunk * chunk
+    lead = lambda a: jnp.swapaxes(a[:, :full].reshape(rows, n // chunk, chunk, *a.shape[2:]), 0, 1)
+    lp, ent = jax.lax.map(lambda ht: score(*ht), (lead(hidden), lead(batch["targets"])))
+    lp, ent = (jnp.swapaxes(a, 0, 1).reshape(rows, full) for a in (lp, ent))
+    if full < n:
+        lp_r, ent_r = score(hidden[:, full:], batch["targets"][:, full:])
+        lp, ent = jnp.concatenate([lp, lp_r], 1), jnp.concatenate([ent, ent_r], 1)
+    return lp, ent
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rl", "opt"), donate_argnums=(1, 2))

@@ -129,7 +129,7 @@ def test_bf16_gradients_accumulate_in_float32():
 
 def test_update_memory_scales_with_the_micro_batch_and_the_chunk():
     """XLA's temporaries: 4x the rows at the same micro-batch cost nothing more (the anchor's
-    pass is micro-batched too); chunked logits cost less than whole ones."""
+    pass is micro-batched too); chunked logits save at least one micro-batch's whole logits."""
     cfg = CFG.replace(vocab_size=4096)
     params = models.abstract_params(cfg)
     opt = optax.adamw(1e-2)
@@ -145,7 +145,8 @@ def test_update_memory_scales_with_the_micro_batch_and_the_chunk():
 
     small, big, whole = temp(8, 32), temp(32, 32), temp(8, 0)
     assert big <= 1.1 * small, (small, big)
-    assert small <= 0.7 * whole, (small, whole)
+    logits_bytes = 2 * 256 * cfg.vocab_size * 4  # [micro-batch, N, V] float32
+    assert whole - small >= logits_bytes, (small, whole)
 
 
 def test_without_a_kl_term_the_anchor_is_never_read():

@@ -66,7 +66,10 @@ EIGHT = textwrap.dedent("""
     from catjax.rl import trainer
     cfg = models.get_preset("tiny_qwen3")
     rl = trainer.RLConfig(num_rollouts=4, micro_batch=8)
-    opt = optax.adamw(1e-2)
+    # The first stage keeps the gradients it is given as its state, for the comparison below.
+    keep = optax.GradientTransformation(lambda p: jax.tree.map(np.zeros_like, p),
+                                        lambda g, state, params=None: (g, g))
+    opt = optax.chain(keep, optax.adamw(1e-2))
     rng = np.random.default_rng(0)
     r, p, n = 16, 16, 8
     batch = dict(tokens=rng.integers(1, 500, (r, p + n)).astype(np.int32),
@@ -87,16 +90,21 @@ EIGHT = textwrap.dedent("""
         else:
             b = batch
         opt_state = opt.init(params)
-        params, _, mets = trainer.train_step(cfg, params, opt_state, anchor, b, rl=rl, opt=opt)
-        return jax.device_get(params), jax.device_get(mets)
-    one, m1 = run(None)
+        params, state, mets = trainer.train_step(cfg, params, opt_state, anchor, b, rl=rl, opt=opt)
+        return jax.device_get(params), jax.device_get(state[0])
+    one, g1 = run(None)
     mesh = parallel.make_mesh(data=2, fsdp=4)
-    eight, m8 = run(mesh)
+    eight, g8 = run(mesh)
+    # The gradients differ only by the order of the sums across devices (~1e-6 of each leaf).
+    grad_err = max(float(np.abs(a - b).max() / np.abs(a).max())
+                   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)))
     err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
     moved = max(float(np.abs(a - b).max()) for a, b in
                 zip(jax.tree.leaves(one), jax.tree.leaves(models.init_params(cfg, jax.random.key(0)))))
-    print("max param diff", err, "update size", moved)
-    assert err <= 1e-5 and moved > 1e-4
+    print("max relative gradient diff", grad_err, "max param diff", err, "update size", moved)
+    # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps, that rounding noise
+    # moves the update by up to ~0.1% of lr (1e-5).
+    assert grad_err <= 1e-5 and err <= 5e-5 and moved > 1e-4
     print("OK")
 """)
 

@@ -1,0 +1,84 @@
+"""Log-probabilities of given tokens and the entropies of the distributions they come from.
+
+`token_logprobs` equals `log_softmax(logits_from_hidden(...))` read at the targets (and the
+entropy of that softmax), but its gradient is written by hand. Autodiff of the log-softmax and
+the gather builds, per scored position, a full-vocabulary zero tensor that the gather's transpose
+scatters into, a separate exp pass, and on XLA:CPU a transposed copy of the [T, V] logit gradient
+for the head's weight gradient: on the tiny benchmark model those cost more than the head's three
+matmuls (bench/RESULTS.md). Here the logit gradient is one elementwise expression,
+
+    d logp[target] / dz = onehot(target) - p,    d entropy / dz = -p * (log p + entropy),
+
+and the head weight's gradient contracts the hidden states first, so it reads that gradient as it
+lies. Between the passes it keeps the float32 logits (`keep_logits=True`, as autodiff does) or
+only [B, T] statistics, and then the backward pass recomputes the logits: one more head matmul
+for [B, T, V] less memory, what a caller scoring in chunks wants.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from catjax.models.config import ModelConfig
+from catjax.models.decoder import Params, head_logits, head_weight, rms_norm
+
+
+def token_logprobs(cfg: ModelConfig, params: Params, x_btd: jax.Array, targets_bt: jax.Array,
+                   *, keep_logits: bool = True) -> tuple[jax.Array, jax.Array]:
+    """float32 (log p(target), entropy), each [B, T], of the next-token distributions at the
+    hidden states `x_btd` (before the final norm: `hidden_states`' output).
+
+    keep_logits: hold the [B, T, V] float32 logits for the backward pass (False: recompute them).
+    """
+    x_btd = rms_norm(cfg, x_btd, params["final_norm"])
+    return _head_logprobs(x_btd, head_weight(cfg, params), targets_bt, cfg.tie_embeddings,
+                          float(cfg.final_logit_softcap or 0.0), keep_logits)
+
+
+def _statistics(x_btd, w, targets_bt, tied, softcap):
+    """The logits and their log-normaliser, target log-prob and entropy, in two passes over V."""
+    z = head_logits(x_btd, w, tied, softcap)
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - m)
+    s0, s1 = jnp.sum(e, axis=-1), jnp.sum(e * z, axis=-1)  # one fused pass
+    lse = m[..., 0] + jnp.log(s0)
+    z_target = jnp.take_along_axis(z, targets_bt[..., None], axis=-1)[..., 0]
+    # entropy = -sum p (z - lse) = lse - sum p z
+    return z, lse, z_target - lse, lse - s1 / s0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _head_logprobs(x_btd, w, targets_bt, tied: bool, softcap: float, keep_logits: bool):
+    _, _, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap)
+    return logp, ent
+
+
+def _fwd(x_btd, w, targets_bt, tied, softcap, keep_logits):
+    z, lse, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap)
+    return (logp, ent), (x_btd, w, targets_bt, lse, ent, z if keep_logits else None)
+
+
+def _bwd(tied, softcap, keep_logits, res, cotangents):
+    x_btd, w, targets_bt, lse, ent, z = res
+    g_logp, g_ent = (c[..., None] for c in cotangents)
+    if z is None:
+        z = head_logits(x_btd, w, tied, softcap)
+    logp_v = z - lse[..., None]
+    p = jnp.exp(logp_v)
+    is_target = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == targets_bt[..., None]
+    dz = jnp.where(is_target, g_logp, 0.0) - p * (g_logp + g_ent * (logp_v + ent[..., None]))
+    if softcap:  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
+        dz = dz * (1.0 - jnp.square(z / softcap))
+    dz = dz.astype(x_btd.dtype)  # the matmuls run in the compute dtype, as autodiff's do
+    dx = jnp.einsum("btv,vd->btd" if tied else "btv,dv->btd", dz, w)
+    # Hidden states first: the contraction over positions then reads dz as it lies ([B, T, V]),
+    # where "btv,btd->vd" made XLA:CPU write a transposed copy of it.
+    dw_dv = jnp.einsum("btd,btv->dv", x_btd, dz)
+    return dx, (dw_dv.T if tied else dw_dv), np.zeros(targets_bt.shape, jax.dtypes.float0)
+
+
+_head_logprobs.defvjp(_fwd, _bwd)

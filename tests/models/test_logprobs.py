@@ -1,0 +1,94 @@
+"""`token_logprobs`' hand-written gradient equals autodiff of the log-softmax it replaces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from catjax import models
+
+B, T = 3, 5
+
+
+def _reference(cfg, params, x_btd, targets_bt):
+    logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, x_btd), axis=-1)
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0], ent
+
+
+def _case(preset: str, dtype: str = "float32", **changes):
+    cfg = models.get_preset(preset).replace(dtype=dtype, vocab_size=384, **changes)
+    params = models.init_params(cfg, jax.random.key(0))
+    kx, kt, kw, kn = jax.random.split(jax.random.key(1), 4)
+    # A head large enough that the softmaxes are far from uniform (and the softcap bites), and a
+    # final norm that is not all ones.
+    for name in ("embed", "lm_head"):
+        if name in params:
+            params[name] = params[name] * jnp.asarray(30.0, params[name].dtype)
+    params["final_norm"] = jax.random.uniform(kn, params["final_norm"].shape, minval=0.5,
+                                              maxval=1.5).astype(params["final_norm"].dtype)
+    x = jax.random.normal(kx, (B, T, cfg.hidden_size)).astype(cfg.jnp_dtype)
+    targets = jax.random.randint(kt, (B, T), 0, cfg.vocab_size)
+    weights = jax.random.normal(kw, (2, B, T))
+    return cfg, params, x, targets, weights
+
+
+def _value_and_grads(fn, cfg, params, x, targets, weights):
+    def loss(p, x):
+        lp, ent = fn(cfg, p, x, targets)
+        return jnp.sum(lp * weights[0]) + jnp.sum(ent * weights[1]), (lp, ent)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+
+@pytest.mark.parametrize("preset,changes", [
+    ("tiny_qwen3", {}),                                                  # tied head
+    ("tiny_llama", {}),                                                  # separate lm_head
+    ("tiny_llama", {"final_logit_softcap": 5.0}),
+])
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_values_and_gradients_equal_autodiff_of_the_log_softmax(preset, changes, keep_logits):
+    cfg, params, x, targets, weights = _case(preset, **changes)
+    ours = lambda *a: models.token_logprobs(*a, keep_logits=keep_logits)
+    (_, (lp, ent)), (gp, gx) = _value_and_grads(ours, cfg, params, x, targets, weights)
+    (_, (lp0, ent0)), (gp0, gx0) = _value_and_grads(_reference, cfg, params, x, targets, weights)
+    assert lp.dtype == ent.dtype == jnp.float32 and lp.shape == ent.shape == (B, T)
+    assert float(jnp.ptp(ent0)) > 0.2  # the rows differ: a wrong gradient cannot hide
+    np.testing.assert_allclose(lp, lp0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, gx0, rtol=1e-4, atol=1e-5 * float(jnp.abs(gx0).max()))
+    # Every parameter the head touches (the embedding or lm_head, the final norm) and none else.
+    for path, a in jax.tree_util.tree_leaves_with_path(gp):
+        b = gp0
+        for k in path:
+            b = b[k.key]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(float(jnp.abs(b).max()), 1e-6),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_bfloat16_gradients_keep_their_dtypes_and_stay_near_float32():
+    cfg, params, x, targets, weights = _case("tiny_qwen3", "bfloat16")
+    (_, (lp, _)), (gp, gx) = _value_and_grads(models.token_logprobs, cfg, params, x, targets,
+                                              weights)
+    (_, (lp0, _)), (gp0, gx0) = _value_and_grads(_reference, cfg, params, x, targets, weights)
+    assert lp.dtype == jnp.float32 and gx.dtype == gp["embed"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(lp, lp0, rtol=0.02, atol=0.05)
+    for a, b in ((gx, gx0), (gp["embed"], gp0["embed"]), (gp["final_norm"], gp0["final_norm"])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)
+
+
+def test_the_logit_gradient_is_one_elementwise_pass_without_a_scatter():
+    """What the hand-written gradient is for: no full-vocabulary scatter from the gather's
+    transpose (autodiff's has one; checked too, so this test would notice JAX changing)."""
+    cfg, params, x, targets, weights = _case("tiny_qwen3")
+
+    def hlo(fn):
+        def loss(p):
+            lp, ent = fn(cfg, p, x, targets)
+            return jnp.sum(lp * weights[0]) + jnp.sum(ent * weights[1])
+        return jax.jit(jax.grad(loss)).lower(params).as_text()
+
+    assert "scatter" in hlo(_reference)
+    assert "scatter" not in hlo(models.token_logprobs)
