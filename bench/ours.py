@@ -5,7 +5,7 @@
     .venv/bin/python bench/ours.py --task synthesis --model DIR --new-tokens N
     .venv/bin/python bench/ours.py --task cat_step  --model DIR --new-tokens N --samples G
                                    [--micro-batch M]
-    .venv/bin/python bench/ours.py --task mfu       --model DIR --new-tokens N
+    .venv/bin/python bench/ours.py --task mfu       --model DIR --new-tokens N [--micro-batch M]
 
 Workloads are `workload.py`'s, the same as the peers'. One process per measurement, so peak
 memory (ru_maxrss) is that measurement's own. Compilation is timed apart (`first_s`).
@@ -15,6 +15,7 @@ memory (ru_maxrss) is that measurement's own. Compilation is timed apart (`first
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -251,6 +252,7 @@ def task_mfu(m, args) -> dict:
     is a 2048^3 `jnp.dot` in the model's dtype, measured in the same process."""
     prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
     rl, opt = _rl_setup()
+    rl = dataclasses.replace(rl, micro_batch=args.micro_batch)
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
                           pad_id=m.tokenizer.pad_id)
@@ -276,6 +278,7 @@ def task_mfu(m, args) -> dict:
     rows, width = batch["tokens"].shape
     peak = matmul_peak(m.cfg.jnp_dtype)
     return {"rows": rows, "tokens_per_row": width, "new_tokens": n, "flops": flops,
+            "micro_batch": args.micro_batch,
             "xla_cost_flops": hlo_flops, "step_s_min": t, "matmul_peak_flops": peak,
             "achieved_flops_per_s": flops / t, "mfu": flops / t / peak}, times, first
 
@@ -292,7 +295,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=workload.NUM_SAMPLES)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=0,
-                    help="cat_step: rl.micro_batch (0: all rows at once)")
+                    help="cat_step, mfu: rl.micro_batch (0: all rows at once)")
     ap.add_argument("--temperature", type=float, default=workload.TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=workload.TOP_P)
     args = ap.parse_args()
