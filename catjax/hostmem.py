@@ -8,9 +8,10 @@ arena, no `mmap` and no trimming (`retain`), a freed buffer stays mapped and the
 it: that step ran 1.3x faster.
 
 It is opt-in because of its price, measured here: the process keeps its peak heap and never
-returns fragments (peak RSS 1.6x on that step; SmolLM2-135M's step, which fits 24 GiB with
-glibc's default, was killed for memory), and XLA's compiler threads share one arena (the demo
-took 370 s instead of 342). Use it for long CPU training runs with memory to spare.
+returns fragments (peak RSS 1.6x on that step; SmolLM2-135M's 32-row step, which completed in
+24 GiB with glibc's default that day, was killed for memory), and XLA's compiler threads share
+one arena (the demo took 370 s instead of 342). Use it for long CPU training runs with memory to
+spare.
 """
 
 from __future__ import annotations
