@@ -12,12 +12,6 @@ returns fragments (peak RSS 1.6x on that step; SmolLM2-135M's 32-row step, which
 24 GiB with glibc's default that day, was killed for memory), and XLA's compiler threads share
 one arena (the demo took 370 s instead of 342). Use it for long CPU training runs with memory to
 spare.
-
-Always applied (`configure`, unless XLA_FLAGS already sets it): XLA:CPU's reductions run in its
-own loop fusions instead of YNNPACK's (`--xla_cpu_experimental_ynn_fusion_type=-reduce`). A
-YNNPACK reduction reads a materialised operand, so `sum(exp(logits - max))` over a [2048, 49k]
-block wrote 400 MB before reducing it; fused, it does not (the tiny model's training step:
-577k -> 481k page faults and 5.0-5.5 -> 4.6-4.9 s, alternating; sampling unchanged).
 """
 
 from __future__ import annotations
@@ -28,8 +22,6 @@ import sys
 
 ENV = "CATJAX_HOST_MALLOC"
 MODES = ("system", "retain")  # system: glibc's default (the default); retain: as above
-# XLA:CPU flags (no effect on other backends): reductions outside YNNPACK, as above.
-XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -60,24 +52,11 @@ def retain_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def xla_cpu_flags() -> bool:
-    """Add XLA_CPU_FLAGS to $XLA_FLAGS where it does not set them already; True if it added any.
-
-    Effective until JAX compiles its first computation (XLA reads the flags then)."""
-    current = os.environ.get("XLA_FLAGS", "")
-    missing = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in current]
-    if missing:
-        os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
-    return bool(missing)
-
-
 def configure(mode: str | None = None) -> bool:
-    """Apply `mode` (default: $CATJAX_HOST_MALLOC, else 'system') and `xla_cpu_flags`; True if
-    memory is retained. Call it before JAX compiles anything."""
+    """Apply `mode` (default: $CATJAX_HOST_MALLOC, else 'system'); True if memory is retained."""
     mode = mode if mode is not None else os.environ.get(ENV, "system")
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
-    xla_cpu_flags()
     if mode != "retain":
         return False
     if retain_freed_memory():

@@ -1,7 +1,6 @@
 """catjax.hostmem: the modes, and that retained memory stops the page faults (fresh processes:
 glibc's malloc must be set before JAX starts its threads)."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -52,7 +51,6 @@ def test_retained_memory_is_not_faulted_in_again():
 
 
 def test_modes(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "")  # configure adds catjax's XLA:CPU flags; restored after
     with pytest.raises(ValueError, match="CATJAX_HOST_MALLOC='fast'"):
         hostmem.configure("fast")
     monkeypatch.setenv(hostmem.ENV, "bogus")
@@ -64,7 +62,6 @@ def test_modes(monkeypatch):
 
 
 def test_retain_off_glibc_says_so_in_one_line(monkeypatch, capsys):
-    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(hostmem, "retain_freed_memory", lambda: False)  # e.g. macOS, musl
     assert hostmem.configure("retain") is False
     assert capsys.readouterr().err == ("catjax: CATJAX_HOST_MALLOC=retain has no effect here: "
@@ -79,39 +76,3 @@ def test_cli_rejects_an_unknown_mode_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("catjax: error: CATJAX_HOST_MALLOC='fast': use one of system, "
                                    "retain")
-
-
-def test_xla_cpu_flags_are_added_once_and_never_override_the_user(monkeypatch):
-    ours = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert hostmem.xla_cpu_flags() is True
-    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ours}"
-    assert hostmem.xla_cpu_flags() is False
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert hostmem.xla_cpu_flags() is False
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
-    monkeypatch.delenv("XLA_FLAGS")
-    assert hostmem.xla_cpu_flags() is True and os.environ["XLA_FLAGS"] == ours
-
-
-_REDUCE = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp
-    from catjax import hostmem
-    if sys.argv[1] == "configure":
-        hostmem.configure("system")  # after importing JAX, before its first compile
-    f = jax.jit(lambda x: jnp.sum(jnp.exp(x) * x, axis=-1))
-    print("__ynn_fusion" in f.lower(jnp.ones((64, 4096))).compile().as_text())
-""")
-
-
-def test_configure_keeps_reductions_in_xla_fusions():
-    """The flag takes effect when set after `import jax`: the reduction leaves YNNPACK (which
-    reads a materialised exp) for XLA's own fusion."""
-    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
-    run = lambda how: subprocess.run([sys.executable, "-c", _REDUCE, how], env=env, text=True,
-                                     capture_output=True, timeout=120, check=True).stdout.strip()
-    # jaxlib is pinned (setup.py): a new one that stops using YNNPACK for reductions fails the
-    # first line, and the flag can go.
-    assert run("plain") == "True"
-    assert run("configure") == "False"
