@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from catjax.models.config import ModelConfig
+from catjax.models.mlp import gated_mlp
 
 Params = dict[str, Any]
 _NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -253,13 +254,7 @@ def _attend_chunked(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs
 
 
 def _mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x_btd, p["gate"])
-    up = jnp.einsum("btd,df->btf", x_btd, p["up"])
-    if cfg.activation == "gelu_tanh":
-        act = jax.nn.gelu(gate, approximate=True)
-    else:
-        act = jax.nn.silu(gate)
-    return jnp.einsum("btf,fd->btd", act * up, p["down"])
+    return gated_mlp(cfg.activation, x_btd, p["gate"], p["up"], p["down"])
 
 
 def _qkv(cfg: ModelConfig, p: Params, x_btd, rope_cs):
