@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check catjax tests configs bench
-	$(VENV)/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=20
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q -p no:cacheprovider --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check catjax tests configs bench
