@@ -23,7 +23,10 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     """The elementwise activation of a gated MLP: 'silu' or 'gelu_tanh'."""
     if name == "gelu_tanh":
         return functools.partial(jax.nn.gelu, approximate=True)
-    return jax.nn.silu  # ModelConfig allows only these two
+    if name == "silu":
+        return jax.nn.silu
+    # ModelConfig checks this too; a name added there but not here must not fall back silently.
+    raise ValueError(f"model.activation={name!r}: the gated MLP knows 'silu' and 'gelu_tanh'")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -51,3 +51,9 @@ def test_bfloat16_keeps_dtypes_and_follows_float32():
         assert g16.dtype == jnp.bfloat16
         scale = float(jnp.max(jnp.abs(g32)))
         assert float(jnp.max(jnp.abs(g16.astype(jnp.float32) - g32))) < 0.03 * scale
+
+
+def test_an_unknown_activation_is_one_clear_error():
+    args, _ = _inputs()
+    with pytest.raises(ValueError, match="model.activation='relu'"):
+        gated_mlp("relu", *args)
