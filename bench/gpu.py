@@ -3,8 +3,9 @@
 1. Ceilings measured here: a bf16 matmul, a copy (read + write) and a read-only reduction.
 2. Decode of a ~1B Qwen 3 config (random bf16 weights, bf16 KV cache) against the HBM roofline:
    bytes a step must read (every weight once plus the live cache) over the measured read
-   bandwidth. The layer loop is timed both ways, `lax.scan` over stacked weights and unrolled
-   (`sampling.sample(unroll_layers=...)`), and one sampled call is profiled op by op.
+   bandwidth. The layer loop is timed in each `sampling.DECODE_LAYOUTS` (`lax.scan` over
+   stacked weights, unrolled, unrolled with the weights first), and one sampled call is
+   profiled op by op.
 3. What one draw costs at 64 x 152k logits (GPU time, 50 calls in one jit): top-k and the
    nucleus cut from one `lax.top_k` (a sort on GPUs) against the best blocks first
    (`sampling._top_k`), the threshold search, and each sampling setting.
@@ -109,10 +110,10 @@ class Bench:
         print(f"model: {models.param_count(self.params) / 1e9:.3f}B params, "
               f"{self.nbytes / 2**30:.2f} GiB, vocabulary {self.cfg.vocab_size}", flush=True)
 
-    def _decode(self, name, unroll, temperature, top_p, n):
+    def _decode(self, name, layout, temperature, top_p, n):
         cfg, g = self.cfg, ROWS_PER_PROMPT
         kw = dict(num_samples=g, max_new_tokens=n, temperature=temperature, top_p=top_p,
-                  stop_ids=(), unroll_layers=unroll)
+                  stop_ids=(), decode_layout=layout)
 
         def call():
             return sampling.sample(cfg, self.params, self.prompts, rng=jax.random.key(1),
@@ -140,13 +141,14 @@ class Bench:
     def decode_layouts(self):
         n = self.args.new_tokens
         self.calls = {}
-        for layout in ("scan", "unroll"):
-            self.calls[layout] = self._decode(f"decode_{layout}", layout == "unroll", 0.7, 0.95, n)
-        self.best = min(("scan", "unroll"), key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
+        for layout in sampling.DECODE_LAYOUTS:
+            self.calls[layout] = self._decode(f"decode_{layout}", layout, 0.7, 0.95, n)
+        self.best = min(sampling.DECODE_LAYOUTS,
+                        key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
         print(f"faster layer loop for decode: {self.best}", flush=True)
 
     def decode_greedy(self):
-        self._decode("decode_greedy", self.best == "unroll", 0.0, 1.0, self.args.new_tokens)
+        self._decode("decode_greedy", self.best, 0.0, 1.0, self.args.new_tokens)
 
     # --- 3 -------------------------------------------------------------------------------------
     def draw_costs(self):
@@ -232,7 +234,7 @@ class Bench:
         return sampling.sample(self.cfg, self.params, prompts, num_samples=1,
                                max_new_tokens=self.args.new_tokens, stop_ids=(),
                                rng=jax.random.key(2), temperature=temperature,
-                               unroll_layers=self.best == "unroll").tokens
+                               decode_layout=self.best).tokens
 
     def synthesis(self):
         """Per question: the anchor reads G x N rollout tokens (plus ~150 of instructions) and
@@ -287,7 +289,7 @@ class Bench:
             cfg2, loaded = models.from_pretrained(d)
         g, n = ROWS_PER_PROMPT, 128
         kw = dict(num_samples=g, max_new_tokens=n, temperature=0.7, top_p=0.95, stop_ids=(),
-                  unroll_layers=self.best == "unroll")
+                  decode_layout=self.best)
         held = {"params": loaded}
         t_ours = timeit(lambda: sampling.sample(cfg2, held["params"], self.prompts[:4],
                                                 rng=jax.random.key(2), **kw).tokens, repeats=3)
@@ -324,7 +326,7 @@ class Bench:
             print(f"| bf16 matmul peak | {c['matmul_tflops']:.0f} TFLOP/s |")
             print(f"| bandwidth: copy (read + write) / read-only | {c['copy_tbs']:.2f} / "
                   f"{c['read_tbs']:.2f} TB/s |")
-        for k in ("decode_scan", "decode_unroll", "decode_greedy"):
+        for k in (*(f"decode_{k}" for k in sampling.DECODE_LAYOUTS), "decode_greedy"):
             if k in r:
                 print(f"| {k} | {r[k]['tok_s']:,.0f} tok/s, {r[k]['step_ms']:.2f} ms/step = "
                       f"{r[k]['frac_of_roofline']:.0%} of the roofline |")

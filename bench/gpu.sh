@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (NVIDIA machine, jax[cuda], torch and transformers preinstalled, no
-# network): ceilings, decode vs the bandwidth roofline (scan vs unrolled layers, one call
+# network): ceilings, decode vs the bandwidth roofline (the three decode layouts, one call
 # profiled), draw costs, synthesis vs one more rollout, training-step MFU, catjax vs
 # transformers. Under 8 minutes; the sampler's optimised HLO lands in $OUT/hlo.tar.gz.
 set -euo pipefail

@@ -229,12 +229,12 @@ def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
-                     "cache_dtype", "mesh", "unroll_layers"),
+                     "cache_dtype", "mesh", "decode_layout"),
 )
 def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str,
-            mesh: jax.sharding.Mesh | None, unroll_layers: bool = False) -> SampleOutput:
+            mesh: jax.sharding.Mesh | None, decode_layout: str = "scan") -> SampleOutput:
     b, p = prompt_bp.shape
     g, n = num_samples, max_new_tokens
     r = b * g
@@ -256,8 +256,14 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
-    if unroll_layers:  # per-layer weights and cache, sliced once here, not in every step
-        params = models.unstack_layers(params)
+    # Per-layer weights and cache, sliced (and, weights first, transposed) once here, not in
+    # every step. The output head keeps reading the stacked params.
+    layer_params = params
+    if decode_layout == "unrolled":
+        layer_params = models.unstack_layers(params)
+    elif decode_layout == "weights_first":
+        layer_params = models.decode_layout(cfg, params)
+    if decode_layout != "scan":
         cache = cache.unstacked()
 
     def cond(state):
@@ -277,7 +283,11 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         mlps = mlps.at[:, step].set(jnp.where(live, mlp, 0.0))
         lengths = lengths + live
         done = done | jnp.isin(tok, stops)
-        hidden, cache = models.hidden_cached(cfg, params, tok[:, None], pos[:, None], cache)
+        if decode_layout == "weights_first":
+            hidden, cache = models.decode_step(cfg, layer_params, tok, pos, cache)
+        else:
+            hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None], pos[:, None],
+                                                 cache)
         axis = 1 if cache.is_stacked else 0  # the batch axis of [L,] B, K, S, H
         cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
         logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])
@@ -296,11 +306,16 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
                                                jnp.repeat(prompt_len_b, g)))
 
 
-def default_unroll_layers() -> bool:
-    """Unrolled decode layers on CPUs and GPUs, where they were measured faster (see
-    `models.unstack_layers`); a scan on TPUs, whose fusions take the layer slice into the matmul
-    (not measured here) and where HBM for a second copy of the weights is scarcer."""
-    return jax.default_backend() != "tpu"
+DECODE_LAYOUTS = ("scan", "unrolled", "weights_first")
+
+
+def default_decode_layout() -> str:
+    """How the decode loop runs the layers, by backend, each where it was measured fastest:
+    CPUs "weights_first" (`models.decode`: the layers unrolled, weights as the left matmul
+    operand), GPUs "unrolled" (`models.unstack_layers`), TPUs "scan", whose fusions take the
+    layer slice into the matmul (not measured here) and where HBM for a second copy of the
+    weights is scarcer."""
+    return {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "unrolled")
 
 
 def default_cache_dtype(cfg: ModelConfig) -> str:
@@ -314,7 +329,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
            prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
-           unroll_layers: bool | None = None) -> SampleOutput:
+           decode_layout: str | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -323,8 +338,10 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     mesh of `params` when they span several devices (the trainer's), so that one process and
     several processes run the same partitioned program.
 
-    `unroll_layers` (default: on CPUs and GPUs) decodes with per-layer weights and cache sliced
-    once before the loop (faster there, one more copy of the weights in memory).
+    `decode_layout`: "scan" over stacked layers, "unrolled" (per-layer weights and cache sliced
+    once before the loop: one more copy of the weights in memory) or "weights_first" (unrolled,
+    weights transposed for the matmuls, `models.decode`). Default: `default_decode_layout()`.
+    All three give the same samples.
 
     Multi-process (params are global arrays, or `mesh` spans other processes): every process
     calls `sample` at the same point with its own prompts and gets back its own rows, as host
@@ -334,7 +351,9 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
-    unroll_layers = default_unroll_layers() if unroll_layers is None else bool(unroll_layers)
+    decode_layout = decode_layout or default_decode_layout()
+    if decode_layout not in DECODE_LAYOUTS:
+        raise ValueError(f"decode_layout={decode_layout!r}: expected one of {DECODE_LAYOUTS}")
     if jax.process_count() > 1 and (parallel.is_global(params) or (
             mesh is not None and mesh.devices.size > jax.local_device_count())):
         return _sample_multiprocess(
@@ -343,7 +362,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
             stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
             cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name,
             prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params),
-            unroll_layers=unroll_layers)
+            decode_layout=decode_layout)
     if mesh is None:  # params laid out on several devices: split the batch over them too
         mesh = parallel.mesh_of(params)
         mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
@@ -365,7 +384,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
                   max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
                   pad_id=int(pad_id),
                   cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
-                  unroll_layers=unroll_layers)
+                  decode_layout=decode_layout)
     rows = num_prompts * num_samples
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
@@ -376,7 +395,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                          num_samples: int, max_new_tokens: int, rng: jax.Array,
                          sp: SamplingParams, stop_ids: tuple[int, ...], pad_id: int,
                          cache_dtype: str, prompt_length: int | None,
-                         mesh: jax.sharding.Mesh | None, unroll_layers: bool) -> SampleOutput:
+                         mesh: jax.sharding.Mesh | None, decode_layout: str) -> SampleOutput:
     """`sample` over global (multi-process) params: this process's prompts in, its rows out.
 
     Every process must run the same program, so they first agree on the prompt count per
@@ -405,7 +424,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                   parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
                   num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                   pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
-                  unroll_layers=unroll_layers)
+                  decode_layout=decode_layout)
     rows = len(prompts) * num_samples
     return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 

@@ -56,17 +56,22 @@ def test_logprobs_equal_a_full_forward_recomputation(hf_pair):
         assert np.all(lp[r, :len(gen)] <= 1e-6)  # a valid log-prob of the truncated law
 
 
-def test_unrolled_and_scanned_decode_draw_the_same_samples():
-    cfg = models.get_preset("tiny_qwen3")
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_gemma3"])
+def test_every_decode_layout_draws_the_same_samples(preset):
+    cfg = models.get_preset(preset)
     params = models.init_params(cfg, jax.random.key(0))
     kw = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_p=0.95, stop_ids=(3,),
               rng=jax.random.key(5))
-    a = sampling.sample(cfg, params, PROMPTS, unroll_layers=True, **kw)
-    b = sampling.sample(cfg, params, PROMPTS, unroll_layers=False, **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    np.testing.assert_allclose(np.asarray(a.model_logprobs), np.asarray(b.model_logprobs),
-                               atol=1e-5)
-    assert sampling.default_unroll_layers() == (jax.default_backend() != "tpu")
+    ref = sampling.sample(cfg, params, PROMPTS, decode_layout="scan", **kw)
+    for layout in ("unrolled", "weights_first"):
+        out = sampling.sample(cfg, params, PROMPTS, decode_layout=layout, **kw)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+        np.testing.assert_allclose(np.asarray(out.model_logprobs),
+                                   np.asarray(ref.model_logprobs), atol=1e-5)
+    assert sampling.default_decode_layout() == (
+        {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "unrolled"))
+    with pytest.raises(ValueError, match="decode_layout='unroled'"):
+        sampling.sample(cfg, params, PROMPTS, decode_layout="unroled", **kw)
 
 
 def test_same_seed_same_samples_and_stop_padding():

@@ -13,6 +13,7 @@ from typing import Any
 
 from catjax import storage
 from catjax.models.config import PRESETS, ModelConfig, RopeConfig, get_preset
+from catjax.models.decode import decode_layout, decode_step
 from catjax.models.decoder import (
     KVCache,
     Params,
@@ -34,11 +35,11 @@ from catjax.models.decoder import (
 from catjax.models.logprobs import token_logprobs
 
 __all__ = [
-    "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "abstract_params", "embed",
-    "forward", "forward_cached", "from_pretrained", "get_preset", "hidden_cached", "hidden_states",
-    "init_cache",
-    "init_params", "logical_axes", "logits_from_hidden", "num_flops_per_token", "param_count",
-    "param_shapes", "save_pretrained", "token_logprobs", "unstack_layers",
+    "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "abstract_params",
+    "decode_layout", "decode_step", "embed", "forward", "forward_cached", "from_pretrained",
+    "get_preset", "hidden_cached", "hidden_states", "init_cache", "init_params", "logical_axes",
+    "logits_from_hidden", "num_flops_per_token", "param_count", "param_shapes",
+    "save_pretrained", "token_logprobs", "unstack_layers",
 ]
 
 

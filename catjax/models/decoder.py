@@ -158,10 +158,12 @@ def abstract_params(cfg: ModelConfig) -> Params:
 
 # --- building blocks -------------------------------------------------------------------------
 
-def rms_norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
-    """RMSNorm in float32. Gemma scales by (1 + w) in float32; Llama casts back before * w."""
+def rms_norm(cfg: ModelConfig, x: jax.Array, w: jax.Array, axis: int = -1) -> jax.Array:
+    """RMSNorm over `axis` in float32. Gemma scales by (1 + w) in float32; Llama casts back
+    before * w. `axis=0`: a feature-major [D, rows] hidden state (`models.decode`)."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + cfg.norm_eps)
+    w = w.reshape(w.shape + (1,) * (x.ndim - 1 - axis % x.ndim))
     if cfg.norm_style == "gemma":
         return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * normed.astype(x.dtype)
@@ -261,6 +263,11 @@ def _qkv(cfg: ModelConfig, p: Params, x_btd, rope_cs):
     q = jnp.einsum("btd,dnh->btnh", x_btd, p["q"])
     k = jnp.einsum("btd,dkh->btkh", x_btd, p["k"])
     v = jnp.einsum("btd,dkh->btkh", x_btd, p["v"])
+    return _qkv_post(cfg, p, q, k, v, rope_cs)
+
+
+def _qkv_post(cfg: ModelConfig, p: Params, q, k, v, rope_cs):
+    """Biases, q/k norms and RoPE on the projected [B, T, heads, H] queries and keys."""
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
