@@ -245,14 +245,20 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             return x
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
 
-    # Prefill once per prompt; logits only at each prompt's last token.
-    cache = jax.tree.map(lambda c: on_batch(c, 1),
-                         models.init_cache(cfg, b, p + n, jnp.dtype(cache_dtype)))
+    # Prefill once per prompt; logits only at each prompt's last token. Weights first, the
+    # prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise every
+    # row gets a copy with room for its N tokens.
+    shared = decode_layout == "weights_first"
+    cache = jax.tree.map(lambda c: on_batch(c, 1), models.init_cache(
+        cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     hidden, cache = models.hidden_cached(cfg, params, prompt_bp, positions, cache, prefill=True)
     last = jnp.take_along_axis(hidden, (prompt_len_b - 1)[:, None, None], axis=1)
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last)[:, 0], g, axis=0)
-    cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
+    if shared:
+        cache = jax.tree.map(on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n))
+    else:
+        cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
     logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -260,11 +266,9 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     # every step. The output head keeps reading the stacked params.
     layer_params = params
     if decode_layout == "unrolled":
-        layer_params = models.unstack_layers(params)
-    elif decode_layout == "weights_first":
+        layer_params, cache = models.unstack_layers(params), cache.unstacked()
+    elif shared:
         layer_params = models.decode_layout(cfg, params)
-    if decode_layout != "scan":
-        cache = cache.unstacked()
 
     def cond(state):
         step, done = state[0], state[3]
@@ -283,12 +287,12 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         mlps = mlps.at[:, step].set(jnp.where(live, mlp, 0.0))
         lengths = lengths + live
         done = done | jnp.isin(tok, stops)
-        if decode_layout == "weights_first":
-            hidden, cache = models.decode_step(cfg, layer_params, tok, pos, cache)
+        if shared:
+            hidden, cache = models.decode_step(cfg, layer_params, tok, step, cache)
         else:
             hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None], pos[:, None],
                                                  cache)
-        axis = 1 if cache.is_stacked else 0  # the batch axis of [L,] B, K, S, H
+        axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
         cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
         logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])
         pos = jnp.minimum(pos + live, p + n - 1)

@@ -13,7 +13,12 @@ from typing import Any
 
 from catjax import storage
 from catjax.models.config import PRESETS, ModelConfig, RopeConfig, get_preset
-from catjax.models.decode import decode_layout, decode_step
+from catjax.models.decode import (
+    SharedPromptCache,
+    decode_layout,
+    decode_step,
+    init_shared_cache,
+)
 from catjax.models.decoder import (
     KVCache,
     Params,
@@ -35,7 +40,8 @@ from catjax.models.decoder import (
 from catjax.models.logprobs import token_logprobs
 
 __all__ = [
-    "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "abstract_params",
+    "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "SharedPromptCache",
+    "abstract_params", "init_shared_cache",
     "decode_layout", "decode_step", "embed", "forward", "forward_cached", "from_pretrained",
     "get_preset", "hidden_cached", "hidden_states", "init_cache", "init_params", "logical_axes",
     "logits_from_hidden", "num_flops_per_token", "param_count", "param_shapes",

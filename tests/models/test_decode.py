@@ -1,4 +1,5 @@
-"""models.decode: the weights-first decode step equals `hidden_cached` for one token per row."""
+"""models.decode: the weights-first decode step over a shared-prompt cache gives the hidden states
+of `hidden_cached` over the equivalent per-row cache."""
 
 import jax
 import jax.numpy as jnp
@@ -20,28 +21,32 @@ def _noisy(params, rng):
 @pytest.mark.parametrize("preset,overrides", [
     ("tiny_llama", {}),
     ("tiny_qwen3", {"attention_bias": True}),  # biases and q/k norms
-    ("tiny_gemma3", {"sliding_window": 4}),  # sandwich norms, gelu, local RoPE, a short window
+    ("tiny_gemma3", {"sliding_window": 6}),  # sandwich norms, gelu, local RoPE, a short window
 ])
-def test_decode_step_equals_hidden_cached(preset, overrides):
+def test_decode_steps_equal_hidden_cached_over_per_row_caches(preset, overrides):
     cfg = models.get_preset(preset, **overrides)
     params = _noisy(models.init_params(cfg, jax.random.key(0)), jax.random.key(1))
-    b, p, slots = 3, 9, 16
+    b, g, p, n = 2, 3, 8, 5
+    prompt_len = jnp.asarray([8, 3])  # the second prompt is padded: its slots 3..7 are stale
     prompt = jax.random.randint(jax.random.key(2), (b, p), 0, cfg.vocab_size)
-    cache = models.init_cache(cfg, b, slots)
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-    _, cache = models.hidden_cached(cfg, params, prompt, positions, cache, prefill=True)
-    tokens = jnp.asarray([5, 17, 2])
-    pos = jnp.asarray([9, 4, 7])  # ragged rows: each writes over its own stale slot
-
-    want, want_cache = models.hidden_cached(cfg, params, tokens[:, None], pos[:, None], cache)
+    _, filled = models.hidden_cached(cfg, params, prompt, positions, models.init_cache(cfg, b, p),
+                                     prefill=True)
+    # The reference: every row its own copy of its prompt's cache, N more slots.
+    ref_cache = jax.tree.map(lambda c: jnp.repeat(jnp.pad(c, ((0, 0),) * 3 + ((0, n), (0, 0))),
+                                                  g, axis=1), filled)
+    shared = models.init_shared_cache(cfg, filled, prompt_len, g, n)
+    assert shared.group == g
     layout = models.decode_layout(cfg, params)
     assert decode.is_decode_layout(layout) and not decode.is_decode_layout(params)
-    got, got_cache = jax.jit(models.decode_step, static_argnums=0)(cfg, layout, tokens, pos,
-                                                                   cache.unstacked())
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    for a, w in zip(jax.tree.leaves(got_cache.stacked()), jax.tree.leaves(want_cache),
-                    strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=2e-5, atol=2e-5)
+    step_fn = jax.jit(models.decode_step, static_argnums=0)
+    tokens = jax.random.randint(jax.random.key(3), (n, b * g), 0, cfg.vocab_size)
+    for step in range(n):
+        pos = (jnp.repeat(prompt_len, g) + step)[:, None]
+        want, ref_cache = models.hidden_cached(cfg, params, tokens[step][:, None], pos, ref_cache)
+        got, shared = step_fn(cfg, layout, tokens[step], jnp.int32(step), shared)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=3e-5, atol=3e-5,
+                                   err_msg=f"step {step}")
 
 
 def test_decode_layout_holds_each_weight_output_major():
