@@ -56,6 +56,25 @@ def test_logprobs_equal_a_full_forward_recomputation(hf_pair):
         assert np.all(lp[r, :len(gen)] <= 1e-6)  # a valid log-prob of the truncated law
 
 
+def test_a_prompt_longer_than_one_prefill_block_gives_the_forward_pass_logprobs():
+    """The prefill attends in blocks of `default_prefill_chunk()` query rows: a 300-token prompt
+    (bucket 512) crosses blocks, and its sliding-window layers mask within and across them."""
+    cfg = models.get_preset("tiny_gemma3", sliding_window=64)
+    params = models.init_params(cfg, jax.random.key(0))
+    long_prompt = [int(t) for t in jax.random.randint(jax.random.key(1), (300,), 5, 250)]
+    prompts = [long_prompt, PROMPTS[1]]
+    assert sampling.bucket_length(300) > sampling.default_prefill_chunk()
+    out = sampling.sample(cfg, params, prompts, num_samples=2, max_new_tokens=6,
+                          rng=jax.random.key(2), temperature=1.0, stop_ids=())
+    mlp = np.asarray(out.model_logprobs)
+    for r, gen in enumerate(sampling.completions(out)):
+        prompt = prompts[r // 2]
+        seq = jnp.asarray([prompt + gen], jnp.int32)
+        logp = jax.nn.log_softmax(models.forward(cfg, params, seq)[0], axis=-1)
+        want = np.asarray(logp[len(prompt) - 1:-1][np.arange(len(gen)), gen])
+        np.testing.assert_allclose(mlp[r], want, atol=1e-4)
+
+
 @pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_gemma3"])
 def test_every_decode_layout_draws_the_same_samples(preset):
     cfg = models.get_preset(preset)
