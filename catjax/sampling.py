@@ -276,7 +276,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         return (step < n) & ~jnp.all(done)
 
     def body(state):
-        step, cache, logits, done, pos, lengths, toks, lps, mlps = state
+        step, cache, logits, done, lengths, toks, lps, mlps = state
         # One key per step for all R rows: with jax_threefry_partitionable (the default since
         # JAX 0.5) each row's bits depend only on (key, R, row), however the rows are split
         # over devices and processes.
@@ -291,20 +291,21 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         if shared:
             hidden, cache = models.decode_step(cfg, layer_params, tok, step, cache)
         else:
-            hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None], pos[:, None],
-                                                 cache)
+            # Every row writes generated token `step` at slot prompt_len + step (< P + N);
+            # finished rows write pad tokens that nothing reads.
+            hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None],
+                                                 (pos_r + step)[:, None], cache)
         axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
         cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
         logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])
-        pos = jnp.minimum(pos + live, p + n - 1)
-        return step + 1, cache, logits, done, pos, lengths, toks, lps, mlps
+        return step + 1, cache, logits, done, lengths, toks, lps, mlps
 
     state = (
-        jnp.int32(0), cache, logits_rv, jnp.zeros(r, bool), pos_r, jnp.zeros(r, jnp.int32),
+        jnp.int32(0), cache, logits_rv, jnp.zeros(r, bool), jnp.zeros(r, jnp.int32),
         jnp.full((r, n), pad_id, jnp.int32), jnp.zeros((r, n), jnp.float32),
         jnp.zeros((r, n), jnp.float32),
     )
-    _, _, _, done, _, lengths, toks, lps, mlps = jax.lax.while_loop(cond, body, state)
+    _, _, _, done, lengths, toks, lps, mlps = jax.lax.while_loop(cond, body, state)
     # `done` is set only by a stop token: rows that ran out of budget stay False. Outputs stay
     # split by rows, so each process can read its own rows back.
     return jax.tree.map(on_batch, SampleOutput(toks, lengths, lps, mlps, done,
