@@ -251,11 +251,10 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     shared = decode_layout == "weights_first"
     cache = jax.tree.map(lambda c: on_batch(c, 1), models.init_cache(
         cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    hidden, cache = models.hidden_cached(cfg, params, prompt_bp, positions, cache, prefill=True,
-                                         q_chunk=default_prefill_chunk())
-    last = jnp.take_along_axis(hidden, (prompt_len_b - 1)[:, None, None], axis=1)
-    logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last)[:, 0], g, axis=0)
+    last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
+                                    chunk=default_prefill_chunk())
+    logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
+                           axis=0)
     if shared:
         cache = jax.tree.map(on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n))
     else:
@@ -325,11 +324,12 @@ def default_decode_layout() -> str:
 
 
 def default_prefill_chunk() -> int:
-    """Query rows per block of the prompt's attention (`hidden_cached(q_chunk=...)`). 256 on
-    CPUs: smaller blocks skip more of the causal triangle and keep each block's scores in cache
-    (SmolLM2, 4 x 1024 prompt tokens: 18.8 -> 12.6 s, bench/RESULTS.md). The decoder's default
-    elsewhere (not measured there; fewer blocks to compile for long prompts)."""
-    return 256 if jax.default_backend() == "cpu" else models.decoder.DEFAULT_Q_CHUNK
+    """Prompt positions per prefill chunk (`models.prefill`). 128 on CPUs: smaller chunks skip
+    more of the causal triangle and of a bucket's padding, and keep each chunk's scores in cache
+    (SmolLM2, 4 prompts of 813 tokens in the 1024 bucket: 12.2 s in one pass with 256-row
+    attention blocks, 9.0 s in chunks of 128; bench/RESULTS.md). The decoder's 1024 elsewhere
+    (not measured on accelerators, where a chunk of 128 rows would underfill the matmuls)."""
+    return 128 if jax.default_backend() == "cpu" else models.decoder.DEFAULT_Q_CHUNK
 
 
 def default_cache_dtype(cfg: ModelConfig) -> str:

@@ -57,8 +57,9 @@ def test_logprobs_equal_a_full_forward_recomputation(hf_pair):
 
 
 def test_a_prompt_longer_than_one_prefill_block_gives_the_forward_pass_logprobs():
-    """The prefill attends in blocks of `default_prefill_chunk()` query rows: a 300-token prompt
-    (bucket 512) crosses blocks, and its sliding-window layers mask within and across them."""
+    """The prefill runs in chunks of `default_prefill_chunk()` positions: a 300-token prompt
+    (bucket 512) crosses chunks, its sliding-window layers mask within and across them, and the
+    chunks past it are skipped."""
     cfg = models.get_preset("tiny_gemma3", sliding_window=64)
     params = models.init_params(cfg, jax.random.key(0))
     long_prompt = [int(t) for t in jax.random.randint(jax.random.key(1), (300,), 5, 250)]

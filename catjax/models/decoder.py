@@ -218,7 +218,7 @@ def _attend(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, mask_bts) -> jax.Array:
 
 
 def _attend_chunked(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs, k_valid_bs,
-                    sliding, q_chunk: int, prefill: bool = False) -> jax.Array:
+                    sliding, q_chunk: int, prefill: bool = False, start: int = 0) -> jax.Array:
     """`_attend` over query blocks of at most `q_chunk` rows, one block at a time.
 
     A long prefill (the anchor's ~13k-token synthesis prompt) would otherwise hold float32
@@ -226,9 +226,10 @@ def _attend_chunked(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs
     row's softmax runs over all keys, so the result equals the unchunked one. Masks are built
     per block for the same reason.
 
-    `prefill`: query i sits at position i (a prompt written from slot 0), so block j only needs
-    keys [0, end of block j): the blocks run one after another over growing key prefixes and the
-    causal upper triangle, about half the work, is never computed.
+    `prefill`: query i sits at position start + i (a prompt written from slot 0, `start` tokens
+    of it already in the cache), so block j only needs keys [0, start + end of block j): the
+    blocks run one after another over growing key prefixes and the causal upper triangle, about
+    half the work, is never computed.
     """
     b, t, n, h = q_btnh.shape
     nc = -(-t // q_chunk)
@@ -247,7 +248,7 @@ def _attend_chunked(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs
 
     if prefill:
         outs = [block((q[:, j * c:(j + 1) * c], pos[:, j * c:(j + 1) * c]),
-                      end=min((j + 1) * c, k_bksh.shape[2])) for j in range(nc)]
+                      end=min(start + (j + 1) * c, k_bksh.shape[2])) for j in range(nc)]
         return jnp.concatenate(outs, axis=1)[:, :t]
 
     out = jax.lax.map(block, (q.reshape(b, nc, c, n, h).swapaxes(0, 1),
@@ -372,7 +373,7 @@ def forward(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
 def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                   positions_bt: jax.Array, cache: KVCache, *,
                   q_chunk: int | None = DEFAULT_Q_CHUNK,
-                  prefill: bool = False) -> tuple[jax.Array, KVCache]:
+                  prefill: bool = False, start: int = 0) -> tuple[jax.Array, KVCache]:
     """Write the keys/values of `tokens_bt` at slots `positions_bt` and attend over the cache.
 
     Slot s of a row holds the token at position s, so causality is `slot <= position` and stale
@@ -386,12 +387,14 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     With more than `q_chunk` tokens (a prefill) the queries attend in blocks of `q_chunk` rows
     after the whole prompt's keys/values are written (`_attend_chunked`); None: one block.
 
-    `prefill=True` promises that `positions_bt` is 0..T-1 in every row (a prompt into an empty
-    cache): attention then reads only the first T slots, not the slots reserved for decoding,
-    and chunked blocks skip the causal upper triangle.
+    `prefill=True` promises that `positions_bt` is start..start+T-1 in every row (a prompt into
+    an empty cache, or the next piece of one whose first `start` tokens are in it, see
+    `models.prefill`): attention then reads only the first start+T slots, not the slots reserved
+    for decoding, and chunked blocks skip the causal upper triangle.
     """
     b, t = tokens_bt.shape
-    s = min(t, cache.num_slots) if prefill else cache.num_slots  # the key slots attention reads
+    # The key slots attention reads.
+    s = min(start + t, cache.num_slots) if prefill else cache.num_slots
     chunked = q_chunk is not None and t > q_chunk
     rope_g, rope_l = _rope_tables(cfg, positions_bt)
     slot_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -416,7 +419,7 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                 k_all, v_all = k_all[:, :, :s], v_all[:, :, :s]
             if chunked:
                 return _attend_chunked(cfg, q, k_all, v_all, positions_bt, slot_pos_bs, all_valid,
-                                       sliding, q_chunk, prefill)
+                                       sliding, q_chunk, prefill, start)
             return _attend(cfg, q, k_all, v_all, jnp.where(sliding, masks[1], masks[0]))
 
         x = _layer(cfg, p, x, rope_cs, attend)
