@@ -18,7 +18,8 @@ Atomicity. Orbax writes a step into `<step>.orbax-checkpoint-tmp-<t>` and rename
 `latest_step()` lists the storage afresh and reports only finalized steps, so a step whose writer was
 killed, or that is still being written asynchronously, is never restored. A `Checkpointer` removes
 unfinalized step directories left by a dead writer before its first save (Orbax's
-`cleanup_tmp_directories`), so only one writer may use a directory at a time.
+`cleanup_tmp_directories`), so only one writer may use a directory at a time; a Checkpointer that
+only lists and restores never removes anything.
 
 Failures and timeouts (what bounds a call when storage goes away):
 * Deadline: each storage operation a call makes (opening, listing, starting a save, waiting for an
@@ -204,12 +205,23 @@ class Checkpointer:
         if self._is_gcs:
             _apply_gcs_retries()
             self._probe("open")
+        self._manager_kw = dict(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                async_save=async_save)
+        self._writer = False  # True once `save` has reopened Orbax's manager to write
+        self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=False))
+
+    def _open_manager(self, cleanup: bool):
+        """Orbax's manager. `cleanup` removes unfinalized step directories, in a background
+        thread started here and awaited before the first save: only a writer may do that, or a
+        reader (an evaluation reading a live run's checkpoints) could delete the step the run is
+        writing, and two managers opened one after the other would race on the same rmtree."""
+        ocp, kw = self._ocp, self._manager_kw
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+            max_to_keep=kw["max_to_keep"], save_interval_steps=kw["save_interval_steps"],
+            create=True, cleanup_tmp_directories=cleanup,
+            enable_async_checkpointing=kw["async_save"])
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
-        self._mgr = self._bounded("open", lambda: ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers))
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # ----------------------------------------------------------------------- internals
 
@@ -276,6 +288,11 @@ class Checkpointer:
         self.wait()  # surfaces a failure of the previous async save as such
         if self._is_gcs:
             self._probe(f"save of step {step}")
+        if not self._writer:  # a dead writer's leftovers go before our first save
+            reader = self._mgr
+            self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=True))
+            self._writer = True
+            self._bounded("close", reader.close)
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                      META: ocp.args.JsonSave(meta_json)})
         saved = self._bounded(f"save of step {step}",

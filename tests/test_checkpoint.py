@@ -159,7 +159,11 @@ def test_latest_step_ignores_unfinalized_dirs(tmp_path):
     assert meta == {"step": 2}
     assert_bit_identical(state, make_state(2))
     ckpt.close()
-    # The next writer removes the leftovers (before its first save).
+    # A reader leaves them alone (they may be a live writer's step in progress) ...
+    with Checkpointer(str(d)) as reader:
+        assert reader.all_steps() == [1, 2] and reader.restore()[1] == {"step": 2}
+    assert junk.exists()
+    # ... and the next writer removes them (before its first save).
     with Checkpointer(str(d)) as ckpt:
         ckpt.save(3, make_state(3), meta={"step": 3})
     assert not junk.exists()
