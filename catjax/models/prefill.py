@@ -6,7 +6,8 @@ before it in the cache (`hidden_cached(prefill=True, start=...)`). Two things fo
   prompt), so a prompt padded to its length bucket costs its own length rounded up to a chunk,
   not the bucket: the anchor's 813-token synthesis prompts in a 1024 bucket run 7 chunks of 128.
 - Activations exist for one chunk at a time: the MLP's [B, chunk, F] instead of [B, P, F]
-  (2.4 GiB per question for Qwen 3 4B's 12.8k-token synthesis prompt in bfloat16).
+  (0.85 GiB per question for Qwen 3 4B's 13k-token synthesis prompt in bfloat16; XLA's TPU
+  compiler puts that call's temporaries 0.83 GiB lower, bench/RESULTS.md).
 The causal attention work is the same as one pass whose queries attend in blocks of `chunk`.
 """
 
