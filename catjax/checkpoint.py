@@ -211,14 +211,15 @@ class Checkpointer:
         self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=False))
 
     def _open_manager(self, cleanup: bool):
-        """Orbax's manager. `cleanup` removes unfinalized step directories, in a background
-        thread started here and awaited before the first save: only a writer may do that, or a
-        reader (an evaluation reading a live run's checkpoints) could delete the step the run is
-        writing, and two managers opened one after the other would race on the same rmtree."""
+        """Orbax's manager; `cleanup` for a writer's. It creates the directory and removes
+        unfinalized step directories, in a background thread started here and awaited before the
+        first save. Only a writer may: a reader (an evaluation reading a live run's checkpoints)
+        could delete the step the run is writing, two managers opened one after the other would
+        race on the same rmtree, and a mistyped path would be left behind as an empty directory."""
         ocp, kw = self._ocp, self._manager_kw
         options = ocp.CheckpointManagerOptions(
             max_to_keep=kw["max_to_keep"], save_interval_steps=kw["save_interval_steps"],
-            create=True, cleanup_tmp_directories=cleanup,
+            create=cleanup, cleanup_tmp_directories=cleanup,
             enable_async_checkpointing=kw["async_save"])
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

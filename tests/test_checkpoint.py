@@ -222,6 +222,7 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         ckpt.restore()
     assert str(e.value) == f"{empty}: no checkpoint"
+    assert not os.path.exists(empty)  # reading a mistyped path leaves no directory behind
     with pytest.raises(TypeError, match="not JSON"):
         ckpt.save(1, {"x": jnp.ones(2)}, meta={"bad": object()})
     ckpt.save(1, {"x": jnp.ones(2)})
