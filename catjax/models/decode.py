@@ -58,12 +58,16 @@ def is_decode_layout(params: Params) -> bool:
 class SharedPromptCache:
     """The decode loop's cache when rows [i*G, (i+1)*G) all continue prompt i.
 
-    `prompt`: each prompt's keys/values once, per layer [B, K, P, H] (slot s = position s);
+    The prompt's keys/values once per prompt, per layer: keys transposed, [B, K, H, P], so that
+    the step's score matmul reads them as its right operand lies (XLA:CPU otherwise repacks them
+    every step: 8-10% of a step over a 1024-slot prompt, bench/RESULTS.md); values [B, K, P, H].
+    Slot s holds position s; slots from `prompt_len_b` on are padding, never attended.
     `generated`: each row's own, per layer [R, K, N, H], where slot j holds generated token j
-    (position prompt_len + j). Prompt slots from `prompt_len_b` on are padding, never attended.
+    (position prompt_len + j).
     """
 
-    prompt: KVCache
+    prompt_k_lbkhs: tuple[jax.Array, ...]
+    prompt_v_lbksh: tuple[jax.Array, ...]
     generated: KVCache
     prompt_len_b: jax.Array  # [B] int32
 
@@ -71,21 +75,27 @@ class SharedPromptCache:
     def group(self) -> int:
         return self.generated.k_lbksh[0].shape[0] // self.prompt_len_b.shape[0]
 
+    @property
+    def prompt_slots(self) -> int:
+        return self.prompt_v_lbksh[0].shape[2]
+
 
 def init_shared_cache(cfg: ModelConfig, prompt_cache: KVCache, prompt_len_b: jax.Array,
                       num_samples: int, max_new_tokens: int, dtype=None) -> SharedPromptCache:
     """Empty generated slots for `num_samples` rows per prompt behind a prefilled prompt cache."""
     rows = prompt_len_b.shape[0] * num_samples
-    gen = decoder.init_cache(cfg, rows, max_new_tokens, dtype or prompt_cache.k_lbksh[0].dtype)
-    return SharedPromptCache(prompt_cache.unstacked(), gen.unstacked(), prompt_len_b)
+    prompt = prompt_cache.unstacked()
+    gen = decoder.init_cache(cfg, rows, max_new_tokens, dtype or prompt.k_lbksh[0].dtype)
+    return SharedPromptCache(tuple(k.swapaxes(2, 3) for k in prompt.k_lbksh), prompt.v_lbksh,
+                             gen.unstacked(), prompt_len_b)
 
 
-def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bksh, vp_bksh, kg_rksh, vg_rksh, mask_p_bs,
+def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bkhs, vp_bksh, kg_rksh, vg_rksh, mask_p_bs,
                    mask_g_bs) -> jax.Array:
     """Grouped-query attention of one query per row over its prompt's keys (shared by the G
     rows of a prompt) and its own generated keys; one softmax over both, in float32."""
     r, _, n, h = q_r1nh.shape
-    b, kv, p, _ = kp_bksh.shape
+    b, kv, _, p = kp_bkhs.shape
     g, rep, ng = r // b, n // kv, kg_rksh.shape[2]
 
     def to_prompt_rows(x_rk_):  # [R, K, rep, X] -> [B, K, G * rep, X]
@@ -97,7 +107,7 @@ def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bksh, vp_bksh, kg_rksh, vg_rksh,
         return x.reshape(r, kv, rep, -1)
 
     q_rkqh = q_r1nh.reshape(r, kv, rep, h)
-    s_p = jnp.einsum("bkmh,bksh->bkms", to_prompt_rows(q_rkqh), kp_bksh,
+    s_p = jnp.einsum("bkmh,bkhs->bkms", to_prompt_rows(q_rkqh), kp_bkhs,
                      preferred_element_type=jnp.float32)
     s_g = to_prompt_rows(jnp.einsum("rkqh,rksh->rkqs", q_rkqh, kg_rksh,
                                     preferred_element_type=jnp.float32))
@@ -123,7 +133,7 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
     r = tokens_r.shape[0]
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = cache.group
-    p, slots = cache.prompt.num_slots, cache.generated.num_slots
+    p, slots = cache.prompt_slots, cache.generated.num_slots
     positions_r1 = (jnp.repeat(cache.prompt_len_b, g) + step)[:, None]
     rope_g, rope_l = decoder._rope_tables(cfg, positions_r1)
     # Query position minus key position, per prompt for the prompt part (the G rows of a prompt
@@ -141,7 +151,7 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
     mask_sets = {False: masks(False), True: masks(True)}
     act = activation_fn(cfg.activation)
     kg, vg = list(cache.generated.k_lbksh), list(cache.generated.v_lbksh)
-    kp, vp = cache.prompt.k_lbksh, cache.prompt.v_lbksh
+    kp, vp = cache.prompt_k_lbkhs, cache.prompt_v_lbksh
 
     x_dr = decoder.embed(cfg, params, tokens_r[:, None])[:, 0].T
     for i, (lp, sliding) in enumerate(zip(params["layers"], cfg.layer_is_sliding(), strict=True)):
