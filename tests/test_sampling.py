@@ -114,7 +114,10 @@ def test_same_seed_same_samples_and_stop_padding():
 def _empirical(logits, sp, n=20000):
     keys = jax.random.split(jax.random.key(0), n)
     batch = jnp.broadcast_to(logits, (n, logits.shape[0]))
-    toks, lps, _ = jax.jit(lambda k: sampling.draw(batch, k, sp))(keys[0])
+    toks, lps, model_lps = jax.jit(lambda k: sampling.draw(batch, k, sp))(keys[0])
+    # The plain model's log-prob of each drawn token, whatever the temperature and truncation.
+    want = np.asarray(jax.nn.log_softmax(logits))[np.asarray(toks)]
+    np.testing.assert_allclose(np.asarray(model_lps), want, atol=1e-5)
     return np.bincount(np.asarray(toks), minlength=logits.shape[0]) / n, np.asarray(lps), toks
 
 
@@ -122,6 +125,7 @@ def _empirical(logits, sp, n=20000):
     sampling.SamplingParams(1.0, 0, 1.0),
     sampling.SamplingParams(0.7, 3, 1.0),
     sampling.SamplingParams(1.0, 0, 0.75),
+    sampling.SamplingParams(0.7, 0, 0.9),
     sampling.SamplingParams(1.3, 4, 0.8),
 ])
 def test_truncated_distribution_is_followed(sp):

@@ -97,13 +97,13 @@ def test_the_logit_gradient_is_one_elementwise_pass_without_a_scatter():
 
 @pytest.mark.parametrize("vocab", [49152, 1000, 997])
 def test_vocabulary_sums_round_like_a_pairwise_sum(vocab):
-    """The two vocabulary sums behind the log-normaliser and the entropy (`_sum_last_pair`, a
+    """The two vocabulary sums behind the log-normaliser and the entropy (`vocab_sums`, a
     blocked variadic reduce on CPUs) are float32-accurate against float64, for a vocabulary of
     128-blocks, one of 8-blocks and a prime one (no blocks)."""
     rng = np.random.default_rng(0)
     a = rng.random((3, 4, vocab)).astype(np.float32)
     b = rng.standard_normal((3, 4, vocab)).astype(np.float32)
-    sa, sb = jax.jit(logprobs._sum_last_pair)(jnp.asarray(a), jnp.asarray(b))
+    sa, sb = jax.jit(logprobs.vocab_sums)(jnp.asarray(a), jnp.asarray(b))
     assert sa.shape == sb.shape == (3, 4)
     np.testing.assert_allclose(sa, a.astype(np.float64).sum(-1), rtol=2e-6)
     scale = np.abs(b).astype(np.float64).sum(-1)
