@@ -60,7 +60,7 @@ class SharedPromptCache:
 
     The prompt's keys/values once per prompt, per layer: keys transposed, [B, K, H, P], so that
     the step's score matmul reads them as its right operand lies (XLA:CPU otherwise repacks them
-    every step: 8-10% of a step over a 1024-slot prompt, bench/RESULTS.md); values [B, K, P, H].
+    every step: 5-12% of a step over a 1024-slot prompt, bench/RESULTS.md); values [B, K, P, H].
     Slot s holds position s; slots from `prompt_len_b` on are padding, never attended.
     `generated`: each row's own, per layer [R, K, N, H], where slot j holds generated token j
     (position prompt_len + j).

@@ -56,8 +56,8 @@ def vocab_sums(a: jax.Array, b: jax.Array, block: int = 128) -> tuple[jax.Array,
 
     On CPUs, one variadic reduce over blocks of `block` entries, then a sum of the blocks' sums.
     XLA:CPU runs the variadic reduce in its own loop, one pass over both inputs with the exp
-    fused in, where two plain sums went to a YNNPACK reduce about 5x slower: 469 ms of the tiny
-    model's 5.3 s update (bench/RESULTS.md). The blocks keep the float32 rounding near a
+    fused in: 207 ms of the tiny model's update, where two plain sums went to a YNNPACK reduce
+    of 469 ms and the exp took 188 ms more (bench/RESULTS.md). The blocks keep the float32 rounding near a
     pairwise sum's (one sequential pass over 49k terms put the entropy 1e-4 off). Accelerators
     keep the plain sums, which their compilers fuse (the variadic form is not measured there).
     Not for a few rows: over [32, 49k] (a decode step's draw) it took 9.4 ms against 6.4 ms
