@@ -205,8 +205,8 @@ class Checkpointer:
         if self._is_gcs:
             _apply_gcs_retries()
             self._probe("open")
-        self._manager_kw = dict(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                async_save=async_save)
+        self._options = dict(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                             enable_async_checkpointing=async_save)
         self._writer = False  # True once `save` has reopened Orbax's manager to write
         self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=False))
 
@@ -216,11 +216,9 @@ class Checkpointer:
         first save. Only a writer may: a reader (an evaluation reading a live run's checkpoints)
         could delete the step the run is writing, two managers opened one after the other would
         race on the same rmtree, and a mistyped path would be left behind as an empty directory."""
-        ocp, kw = self._ocp, self._manager_kw
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=kw["max_to_keep"], save_interval_steps=kw["save_interval_steps"],
-            create=cleanup, cleanup_tmp_directories=cleanup,
-            enable_async_checkpointing=kw["async_save"])
+        ocp = self._ocp
+        options = ocp.CheckpointManagerOptions(**self._options, create=cleanup,
+                                               cleanup_tmp_directories=cleanup)
         handlers = {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
