@@ -40,8 +40,11 @@ _SWAPPED = ("decode_step", "init_shared_cache", "decode_layout")
 
 def baseline_models(rev: str) -> types.SimpleNamespace:
     """`catjax.models` with the decode loop's functions from `rev`'s models/decode.py."""
-    src = subprocess.run(["git", "show", f"{rev}:catjax/models/decode.py"], cwd=os.path.dirname(HERE),
-                         check=True, capture_output=True, text=True).stdout
+    got = subprocess.run(["git", "show", f"{rev}:catjax/models/decode.py"],
+                         cwd=os.path.dirname(HERE), capture_output=True, text=True)
+    if got.returncode:
+        sys.exit(f"decode_ab: --baseline {rev}: {got.stderr.strip().splitlines()[-1]}")
+    src = got.stdout
     path = os.path.join(tempfile.mkdtemp(), "decode_baseline.py")
     with open(path, "w") as f:
         f.write(src)
