@@ -65,8 +65,7 @@ def sampler_with(models_ns) -> callable:
     glb = dict(raw.__globals__, models=models_ns)
     fn = types.FunctionType(raw.__code__, glb, raw.__name__, raw.__defaults__, raw.__closure__)
     fn.__kwdefaults__ = raw.__kwdefaults__
-    return jax.jit(fn, static_argnames=("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids",
-                                        "pad_id", "cache_dtype", "mesh", "decode_layout"))
+    return jax.jit(fn, static_argnames=sampling._STATIC_ARGNAMES)
 
 
 def time_steps(cfg, params, base, name: str, rounds: int) -> None:

@@ -3,9 +3,10 @@
 1. Ceilings measured here: a bf16 matmul, a copy (read + write) and a read-only reduction.
 2. Decode of a ~1B Qwen 3 config (random bf16 weights, bf16 KV cache) against the HBM roofline:
    bytes a step must read (every weight once plus the live cache) over the measured read
-   bandwidth. The layer loop is timed in each `sampling.DECODE_LAYOUTS` (`lax.scan` over
-   stacked weights, unrolled, unrolled with the weights first), and one sampled call is
-   profiled op by op.
+   bandwidth. The unrolled layer loops of `sampling.DECODE_LAYOUTS` are timed (per-row cache;
+   shared prompt, rows or weights first), then the windows of the generated cache, cuBLAS for
+   the GEMMs and the sampling settings; greedy calls with and without windows are profiled
+   kernel by kernel; at 1024 new tokens, one loop against windows.
 3. What one draw costs at 64 x 152k logits (GPU time, 50 calls in one jit): top-k and the
    nucleus cut from one `lax.top_k` (a sort on GPUs) against the best blocks first
    (`sampling._top_k`), the threshold search, and each sampling setting.
@@ -57,10 +58,14 @@ class Bench:
         self.args = args
         self.deadline = time.monotonic() + args.budget_s
         self.rows: dict = {}
+        self.calls: dict = {}
         self.out = os.environ.get("OUT") or tempfile.mkdtemp()
         os.makedirs(self.out, exist_ok=True)
 
     def run(self, name: str, need_s: float, fn) -> None:
+        if name in self.args.skip:
+            print(f"[{name}] skipped (--skip)", flush=True)
+            return
         left = self.deadline - time.monotonic()
         if left < need_s:
             print(f"[{name}] skipped: {left:.0f} s of the budget left, needs ~{need_s:.0f}",
@@ -110,45 +115,85 @@ class Bench:
         print(f"model: {models.param_count(self.params) / 1e9:.3f}B params, "
               f"{self.nbytes / 2**30:.2f} GiB, vocabulary {self.cfg.vocab_size}", flush=True)
 
-    def _decode(self, name, layout, temperature, top_p, n):
-        cfg, g = self.cfg, ROWS_PER_PROMPT
-        kw = dict(num_samples=g, max_new_tokens=n, temperature=temperature, top_p=top_p,
-                  stop_ids=(), decode_layout=layout)
+    def _decode(self, name, layout, sp=(0.7, 0, 0.95), window=None, options=None, n=None):
+        """Time one sampler call of 8 prompts x G rows x N tokens; `options`: XLA compiler
+        options for this one program (compiled apart, through `_sample.lower`)."""
+        cfg, g, n = self.cfg, ROWS_PER_PROMPT, n or self.args.new_tokens
+        window = sampling.default_decode_window(layout) if window is None else window
+        toks, lens = (jnp.asarray(x) for x in sampling.pad_prompts(self.prompts, 0))
+        static = dict(sp=sampling.SamplingParams(*sp), num_samples=g, max_new_tokens=n,
+                      stop_ids=(), pad_id=0, cache_dtype="bfloat16", mesh=None,
+                      decode_layout=layout, decode_window=window)
+        key = jax.random.key(1)
+        t0 = time.perf_counter()
+        compiled = sampling._sample.lower(cfg, self.params, toks, lens, key, **static).compile(
+            options)
 
         def call():
-            return sampling.sample(cfg, self.params, self.prompts, rng=jax.random.key(1),
-                                   **kw).tokens
+            return compiled(self.params, toks, lens, key).tokens
 
-        t0 = time.perf_counter()
         jax.block_until_ready(call())
         first = time.perf_counter() - t0
         t = timeit(call, repeats=3)
-        r = len(self.prompts) * g
-        p = sampling.bucket_length(64)
-        # A step reads every weight once and the cache of each row up to its position.
-        live = 2 * cfg.num_layers * r * cfg.num_kv_heads * (p + n / 2) * cfg.head_dim * 2
-        roof_s = (self.nbytes + live) / self.read_bw
+        r, p, b = len(self.prompts) * g, toks.shape[1], len(self.prompts)
+        # A step reads every weight once and, on average, the cache up to the middle of the
+        # generation: each row's own copy of its prompt (the usual roofline), or each prompt
+        # once for its G rows (what the shared-prompt layouts must read).
+        slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # bytes, bf16 k + v
+        live_rows = slot * r * (p + n / 2)
+        live_shared = slot * (b * p + r * n / 2)
+        roof_s = (self.nbytes + live_rows) / self.read_bw
+        roof_shared_s = (self.nbytes + live_shared) / self.read_bw
         step = t / n
-        row = dict(rows=r, new_tokens=n, tok_s=r * n / t, step_ms=step * 1e3,
+        row = dict(layout=layout, window=window, sampling=sp, options=options, rows=r,
+                   new_tokens=n, tok_s=r * n / t, step_ms=step * 1e3,
                    roofline_step_ms=roof_s * 1e3, frac_of_roofline=roof_s / step,
-                   achieved_read_tbs=(self.nbytes + live) / step / 1e12, first_call_s=first)
+                   roofline_shared_step_ms=roof_shared_s * 1e3,
+                   frac_of_shared_roofline=roof_shared_s / step,
+                   achieved_read_tbs=(self.nbytes + live_rows) / step / 1e12, first_call_s=first)
         self.rows[name] = row
-        print(f"{name}: {r} rows x {n}: {row['tok_s']:,.0f} tok/s, {step * 1e3:.2f} ms/step "
-              f"(roofline {roof_s * 1e3:.2f} ms: {row['frac_of_roofline']:.0%}); first call "
-              f"{first:.1f} s", flush=True)
+        print(f"{name}: {r} rows x {n}: {row['tok_s']:,.0f} tok/s, {step * 1e3:.3f} ms/step "
+              f"(roofline {roof_s * 1e3:.3f} ms: {row['frac_of_roofline']:.0%}; prompts read "
+              f"once {roof_shared_s * 1e3:.3f} ms: {row['frac_of_shared_roofline']:.0%}); "
+              f"compile + first call {first:.1f} s", flush=True)
         return call
 
     def decode_layouts(self):
-        n = self.args.new_tokens
-        self.calls = {}
-        for layout in sampling.DECODE_LAYOUTS:
-            self.calls[layout] = self._decode(f"decode_{layout}", layout, 0.7, 0.95, n)
-        self.best = min(sampling.DECODE_LAYOUTS,
-                        key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
+        """Sampled (T 0.7, top-p 0.95: flat rows on a random model take the threshold search)."""
+        for layout in ("unrolled", "rows_first", "weights_first"):
+            self._try(f"decode_{layout}", layout)
+        timed = [k for k in ("unrolled", "rows_first", "weights_first")
+                 if f"decode_{k}" in self.rows]
+        self.best = min(timed, key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
         print(f"faster layer loop for decode: {self.best}", flush=True)
 
-    def decode_greedy(self):
-        self._decode("decode_greedy", self.best, 0.0, 1.0, self.args.new_tokens)
+    def decode_variants(self):
+        """The windows of a shared-prompt layout (0: one loop over all slots); on the faster
+        layout cuBLAS in place of Triton GEMMs, and the sampling settings."""
+        shared = self.best if self.best in ("rows_first", "weights_first") else "rows_first"
+        for w in (0, 32, 64, 128):
+            self._try(f"decode_{shared}_window{w}", shared, window=w)
+        cublas = {"xla_gpu_enable_triton_gemm": False}
+        self._try(f"decode_{self.best}_cublas", self.best, options=cublas)
+        self._try("decode_greedy", self.best, sp=(0.0, 0, 1.0))
+        self._try("decode_greedy_window0", self.best, sp=(0.0, 0, 1.0), window=0)
+        self._try("decode_qwen3_config", self.best, sp=(0.7, 20, 0.8))  # configs/common.py
+
+    def decode_long(self):
+        """1024 new tokens, where the cache outweighs the weights: one loop over every slot
+        against windows, the Qwen 3 configs' sampling."""
+        for layout, w in (("unrolled", 0), ("rows_first", 0), ("rows_first", 64),
+                          ("rows_first", 128)):
+            self._try(f"decode_long_{layout}_window{w}", layout, sp=(0.7, 20, 0.8), window=w,
+                      n=1024)
+
+    def _try(self, name, *args, **kw):
+        """One decode case; a failure is recorded and the next case runs."""
+        try:
+            self.calls[name] = self._decode(name, *args, **kw)
+        except Exception as e:
+            traceback.print_exc()
+            self.rows[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
 
     # --- 3 -------------------------------------------------------------------------------------
     def draw_costs(self):
@@ -191,43 +236,46 @@ class Bench:
               ", ".join(f"{k[:-3]} {v:.0f}" for k, v in out.items()), flush=True)
 
     def profile(self):
-        """One sampled call of the faster layout, traced; device time summed by op name."""
+        """Greedy calls of the faster layout with and without windows (or the first call timed),
+        traced; device time summed by kernel."""
         from jax.profiler import ProfileData
-        d = tempfile.mkdtemp()
-        jax.profiler.start_trace(d)
-        jax.block_until_ready(self.calls[self.best]())
-        jax.profiler.stop_trace()
-        path = sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True))[-1]
-        data = ProfileData.from_file(path)
+        names = [k for k in ("decode_greedy", "decode_greedy_window0") if k in self.calls]
+        report = {}
+        for name in names or [f"decode_{self.best}"]:
+            d = tempfile.mkdtemp()
+            jax.profiler.start_trace(d)
+            jax.block_until_ready(self.calls[name]())
+            jax.profiler.stop_trace()
+            path = sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True))[-1]
+            report[name] = self._kernel_summary(ProfileData.from_file(path), name)
+        self.rows["profile_top_ms"] = report
+        with open(os.path.join(self.out, "profile_summary.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+    def _kernel_summary(self, data, name):
         steps = self.args.new_tokens
-        summary = {}
+        out = {}
         for plane in data.planes:
             if "GPU" not in plane.name and not self.args.tiny:
                 continue
             for line in plane.lines:
-                # "XLA Ops" holds HLO ops (fusions, custom calls); streams hold the kernels.
-                kind = "ops" if "XLA Ops" in line.name else (
-                    "kernels" if "Stream" in line.name else None)
-                if kind is None:
+                if "Stream" not in line.name and not (self.args.tiny and "XLA Ops" in line.name):
                     continue
-                tot = defaultdict(float)
+                tot, count = defaultdict(float), 0
                 for ev in line.events:
                     tot[ev.name] += ev.duration_ns
-                key = f"{kind}:{plane.name}:{line.name}"
-                summary[key] = sorted(tot.items(), key=lambda kv: -kv[1])
-        report = {}
-        for key, items in summary.items():
-            total = sum(v for _, v in items)
-            if total == 0:
-                continue
-            print(f"profile {key}: {total / 1e6:.1f} ms in all, {total / 1e6 / steps:.3f} ms a "
-                  f"decode step; top ops (ms a step, share):", flush=True)
-            for name, ns in items[:18]:
-                print(f"   {ns / 1e6 / steps:8.4f}  {ns / total:6.1%}  {name[:110]}")
-            report[key] = [(name, ns / 1e6) for name, ns in items[:40]]
-        self.rows["profile_top_ms"] = report
-        with open(os.path.join(self.out, "profile_summary.json"), "w") as f:
-            json.dump(report, f, indent=1)
+                    count += 1
+                items = sorted(tot.items(), key=lambda kv: -kv[1])
+                total = sum(v for _, v in items)
+                if total == 0:
+                    continue
+                print(f"profile {name} {line.name}: {total / 1e6 / steps:.3f} ms a decode step "
+                      f"in {count / steps:.0f} kernels; top (ms a step, share):", flush=True)
+                for k, ns in items[:22]:
+                    print(f"   {ns / 1e6 / steps:8.4f}  {ns / total:6.1%}  {k[:100]}")
+                out[line.name] = dict(kernels_per_step=count / steps,
+                                      top=[(k, ns / 1e6) for k, ns in items[:40]])
+        return out
 
     # --- 4 -------------------------------------------------------------------------------------
     def _one(self, prompts, temperature):
@@ -326,10 +374,10 @@ class Bench:
             print(f"| bf16 matmul peak | {c['matmul_tflops']:.0f} TFLOP/s |")
             print(f"| bandwidth: copy (read + write) / read-only | {c['copy_tbs']:.2f} / "
                   f"{c['read_tbs']:.2f} TB/s |")
-        for k in (*(f"decode_{k}" for k in sampling.DECODE_LAYOUTS), "decode_greedy"):
-            if k in r:
-                print(f"| {k} | {r[k]['tok_s']:,.0f} tok/s, {r[k]['step_ms']:.2f} ms/step = "
-                      f"{r[k]['frac_of_roofline']:.0%} of the roofline |")
+        for k in (k for k in r if k.startswith("decode_") and not k.endswith("_error")):
+            print(f"| {k} | {r[k]['tok_s']:,.0f} tok/s, {r[k]['step_ms']:.3f} ms/step = "
+                  f"{r[k]['frac_of_roofline']:.0%} of the roofline ("
+                  f"{r[k]['frac_of_shared_roofline']:.0%} with prompts read once) |")
         for k in ("synthesis_4q", "synthesis_32q"):
             if k in r:
                 print(f"| {k} vs one more rollout | {r[k]['synthesis_vs_rollout']:.2f}x |")
@@ -344,6 +392,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=450.0)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--tiny", action="store_true", help="a small model: a dry run on a CPU")
+    ap.add_argument("--skip", default="", type=lambda v: set(filter(None, v.split(","))),
+                    help="sections to leave out, comma-separated (e.g. draw_costs,train)")
     args = ap.parse_args()
     dev = jax.devices()[0]
     print("device:", dev.device_kind, "| jax", jax.__version__, flush=True)
@@ -352,12 +402,13 @@ def main() -> None:
     b.run("model", 0, b.build_model)
     b.run("decode_layouts", 0, b.decode_layouts)
     if not hasattr(b, "best"):
-        b.best = "scan"
+        b.best = "unrolled"
+    b.run("decode_variants", 100, b.decode_variants)
+    b.run("decode_long", 120, b.decode_long)
     b.run("draw_costs", 30, b.draw_costs)
-    if hasattr(b, "calls"):
+    if b.calls:
         b.run("profile", 40, b.profile)
     b.run("synthesis", 120, b.synthesis)
-    b.run("decode_greedy", 45, b.decode_greedy)
     b.run("train", 60, b.train)
     b.run("vs_transformers", 60, b.vs_transformers)
     b.table()

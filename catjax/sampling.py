@@ -1,4 +1,5 @@
-"""Batched rollout sampler: prefill each prompt once, repeat its KV cache G times, decode.
+"""Batched rollout sampler: prefill each prompt once, share (or repeat) its KV cache for its G
+rows, decode.
 
     out = sample(cfg, params, prompts, num_samples=8, max_new_tokens=512, rng=key,
                  temperature=0.7, top_k=20, top_p=0.8, stop_ids=tok.eos_ids)
@@ -6,11 +7,11 @@
     out.logprobs [B*G, N] log-prob under the distribution sampled from (temperature, top-k/p)
     out.model_logprobs    log-prob under the plain model (temperature 1, no truncation)
 
-Decoding runs in `jax.lax.while_loop` and stops when every row has emitted a stop token or the
-budget is spent. Prompt lengths are padded to a few buckets so a run compiles a handful of
-programs. Nothing sorts the vocabulary: top-k is a partial sort (on accelerators, of the best
-blocks only); top-p without top-k cuts among 256 such candidates and searches the probability
-threshold when they are not enough.
+Decoding runs in `jax.lax.while_loop` (one per attention window, `decode_window`) and stops
+when every row has emitted a stop token or the budget is spent. Prompt lengths are padded to a
+few buckets so a run compiles a handful of programs. Nothing sorts the vocabulary: top-k is a
+partial sort (on accelerators, of the best blocks only); top-p without top-k cuts among 256
+such candidates and searches the probability threshold when they are not enough.
 """
 
 from __future__ import annotations
@@ -226,15 +227,16 @@ def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
 
 # --- the jitted sampler ----------------------------------------------------------------------
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
-                     "cache_dtype", "mesh", "decode_layout"),
-)
+_STATIC_ARGNAMES = ("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
+                    "cache_dtype", "mesh", "decode_layout", "decode_window")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC_ARGNAMES)
 def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str,
-            mesh: jax.sharding.Mesh | None, decode_layout: str = "scan") -> SampleOutput:
+            mesh: jax.sharding.Mesh | None, decode_layout: str = "scan",
+            decode_window: int | None = None) -> SampleOutput:
     b, p = prompt_bp.shape
     g, n = num_samples, max_new_tokens
     r = b * g
@@ -245,10 +247,10 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             return x
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
 
-    # Prefill once per prompt; logits only at each prompt's last token. Weights first, the
-    # prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise every
-    # row gets a copy with room for its N tokens.
-    shared = decode_layout == "weights_first"
+    # Prefill once per prompt; logits only at each prompt's last token. Rows or weights first,
+    # the prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise
+    # every row gets a copy with room for its N tokens.
+    shared = decode_layout in _SHARED_PROMPT_LAYOUTS
     cache = jax.tree.map(lambda c: on_batch(c, 1), models.init_cache(
         cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
     last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
@@ -256,7 +258,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
                            axis=0)
     if shared:
-        cache = jax.tree.map(on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n))
+        cache = jax.tree.map(on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n,
+                                                                window=decode_window))
     else:
         cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
     logits_rv = on_batch(logits_rv)
@@ -268,13 +271,13 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     if decode_layout == "unrolled":
         layer_params, cache = models.unstack_layers(params), cache.unstacked()
     elif shared:
-        layer_params = models.decode_layout(cfg, params)
+        layer_params = models.decode_layout(cfg, params, decode_layout == "weights_first")
 
-    def cond(state):
+    def cond(state, end: int):
         step, done = state[0], state[3]
-        return (step < n) & ~jnp.all(done)
+        return (step < end) & ~jnp.all(done)
 
-    def body(state):
+    def body(state, block: int):
         step, cache, logits, done, lengths, toks, lps, mlps = state
         # One key per step for all R rows: with jax_threefry_partitionable (the default since
         # JAX 0.5) each row's bits depend only on (key, R, row), however the rows are split
@@ -288,7 +291,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         lengths = lengths + live
         done = done | jnp.isin(tok, stops)
         if shared:
-            hidden, cache = models.decode_step(cfg, layer_params, tok, step, cache)
+            hidden, cache = models.decode_step(cfg, layer_params, tok, step, cache, block)
         else:
             # Every row writes generated token `step` at slot prompt_len + step (< P + N);
             # finished rows write pad tokens that nothing reads.
@@ -304,23 +307,44 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         jnp.full((r, n), pad_id, jnp.int32), jnp.zeros((r, n), jnp.float32),
         jnp.zeros((r, n), jnp.float32),
     )
-    _, _, _, done, lengths, toks, lps, mlps = jax.lax.while_loop(cond, body, state)
+    # One loop per block of the shared cache's generated part (`models.decode.window_blocks`): a
+    # step attends only the blocks up to its own, a static window, not all the loop will fill.
+    ends = cache.block_starts[1:] if shared else (n,)
+    for block, end in enumerate(ends):
+        state = jax.lax.while_loop(functools.partial(cond, end=end),
+                                   functools.partial(body, block=block), state)
+    _, _, _, done, lengths, toks, lps, mlps = state
     # `done` is set only by a stop token: rows that ran out of budget stay False. Outputs stay
     # split by rows, so each process can read its own rows back.
     return jax.tree.map(on_batch, SampleOutput(toks, lengths, lps, mlps, done,
                                                jnp.repeat(prompt_len_b, g)))
 
 
-DECODE_LAYOUTS = ("scan", "unrolled", "weights_first")
+DECODE_LAYOUTS = ("scan", "unrolled", "rows_first", "weights_first")
+
+
+_SHARED_PROMPT_LAYOUTS = ("rows_first", "weights_first")
 
 
 def default_decode_layout() -> str:
     """How the decode loop runs the layers, by backend, each where it was measured fastest:
     CPUs "weights_first" (`models.decode`: the layers unrolled, weights as the left matmul
-    operand), GPUs "unrolled" (`models.unstack_layers`), TPUs "scan", whose fusions take the
-    layer slice into the matmul (not measured here) and where HBM for a second copy of the
+    operand), GPUs "rows_first" (the same, h @ W; with its windows 4% faster than "unrolled" at
+    1024 new tokens on an H200, level at 256, bench/RESULTS.md), TPUs "scan", whose fusions take
+    the layer slice into the matmul (not measured here) and where HBM for a second copy of the
     weights is scarcer."""
-    return {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "unrolled")
+    return {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "rows_first")
+
+
+def default_decode_window(decode_layout: str) -> int:
+    """The first window of the shared-prompt layouts' generated cache (`models.decode.
+    window_blocks`; 0: one block, the only choice for the other layouts). GPUs 128 (an H200,
+    1024 new tokens: 9% faster than one block; 64 and 32 windows less so, bench/RESULTS.md);
+    CPUs one block: each window is one more copy of the loop to compile, and CPU workloads
+    generate <= 128 tokens; TPUs not measured."""
+    if decode_layout not in _SHARED_PROMPT_LAYOUTS or jax.default_backend() != "gpu":
+        return 0
+    return 128
 
 
 def default_prefill_chunk() -> int:
@@ -343,7 +367,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
            prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
-           decode_layout: str | None = None) -> SampleOutput:
+           decode_layout: str | None = None, decode_window: int | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -353,9 +377,13 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     several processes run the same partitioned program.
 
     `decode_layout`: "scan" over stacked layers, "unrolled" (per-layer weights and cache sliced
-    once before the loop: one more copy of the weights in memory) or "weights_first" (unrolled,
-    weights transposed for the matmuls, `models.decode`). Default: `default_decode_layout()`.
-    All three give the same samples.
+    once before the loop: one more copy of the weights in memory), or one of the two layouts
+    of `models.decode` (unrolled, merged matmuls, each prompt's keys/values once for its G rows):
+    "rows_first" or "weights_first" (weights the left matmul operand). Default:
+    `default_decode_layout()`. `decode_window`, for those two: the generated tokens' cache lies
+    in blocks that double from this size, one loop each, and a step attends only the blocks up
+    to its own, not all the loop will fill (0: one block; default `default_decode_window`). All
+    give the same samples.
 
     Multi-process (params are global arrays, or `mesh` spans other processes): every process
     calls `sample` at the same point with its own prompts and gets back its own rows, as host
@@ -368,6 +396,14 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     decode_layout = decode_layout or default_decode_layout()
     if decode_layout not in DECODE_LAYOUTS:
         raise ValueError(f"decode_layout={decode_layout!r}: expected one of {DECODE_LAYOUTS}")
+    if decode_window is None:
+        decode_window = default_decode_window(decode_layout)
+    decode_window = int(decode_window)
+    if decode_window < 0:
+        raise ValueError(f"decode_window={decode_window} must be >= 0 (0: one window)")
+    if decode_window and decode_layout not in _SHARED_PROMPT_LAYOUTS:
+        raise ValueError(f"decode_window={decode_window}: windows need decode_layout in "
+                         f"{_SHARED_PROMPT_LAYOUTS}, not {decode_layout!r}")
     if jax.process_count() > 1 and (parallel.is_global(params) or (
             mesh is not None and mesh.devices.size > jax.local_device_count())):
         return _sample_multiprocess(
@@ -376,7 +412,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
             stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
             cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name,
             prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params),
-            decode_layout=decode_layout)
+            decode_layout=decode_layout, decode_window=decode_window)
     if mesh is None:  # params laid out on several devices: split the batch over them too
         mesh = parallel.mesh_of(params)
         mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
@@ -398,7 +434,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
                   max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
                   pad_id=int(pad_id),
                   cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
-                  decode_layout=decode_layout)
+                  decode_layout=decode_layout, decode_window=decode_window)
     rows = num_prompts * num_samples
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
@@ -409,7 +445,8 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                          num_samples: int, max_new_tokens: int, rng: jax.Array,
                          sp: SamplingParams, stop_ids: tuple[int, ...], pad_id: int,
                          cache_dtype: str, prompt_length: int | None,
-                         mesh: jax.sharding.Mesh | None, decode_layout: str) -> SampleOutput:
+                         mesh: jax.sharding.Mesh | None, decode_layout: str,
+                         decode_window: int) -> SampleOutput:
     """`sample` over global (multi-process) params: this process's prompts in, its rows out.
 
     Every process must run the same program, so they first agree on the prompt count per
@@ -438,7 +475,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                   parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
                   num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                   pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
-                  decode_layout=decode_layout)
+                  decode_layout=decode_layout, decode_window=decode_window)
     rows = len(prompts) * num_samples
     return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 

@@ -83,15 +83,26 @@ def test_every_decode_layout_draws_the_same_samples(preset):
     kw = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_p=0.95, stop_ids=(3,),
               rng=jax.random.key(5))
     ref = sampling.sample(cfg, params, PROMPTS, decode_layout="scan", **kw)
-    for layout in ("unrolled", "weights_first"):
-        out = sampling.sample(cfg, params, PROMPTS, decode_layout=layout, **kw)
-        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    # Windows of 3 and 5: generated blocks 3, 3, 6 and 5, 5, 2, each attended from its own loop.
+    for layout, window in (("unrolled", 0), ("weights_first", 0), ("rows_first", 3),
+                           ("weights_first", 5)):
+        out = sampling.sample(cfg, params, PROMPTS, decode_layout=layout, decode_window=window,
+                              **kw)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens),
+                                      err_msg=f"{layout}, window {window}")
         np.testing.assert_allclose(np.asarray(out.model_logprobs),
                                    np.asarray(ref.model_logprobs), atol=1e-5)
     assert sampling.default_decode_layout() == (
-        {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "unrolled"))
+        {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "rows_first"))
+    gpu = jax.default_backend() == "gpu"
+    assert [sampling.default_decode_window(k) for k in sampling.DECODE_LAYOUTS] == (
+        [0, 0, 128, 128] if gpu else [0, 0, 0, 0])
     with pytest.raises(ValueError, match="decode_layout='unroled'"):
         sampling.sample(cfg, params, PROMPTS, decode_layout="unroled", **kw)
+    with pytest.raises(ValueError, match="decode_window=-8 must be >= 0"):
+        sampling.sample(cfg, params, PROMPTS, decode_window=-8, **kw)
+    with pytest.raises(ValueError, match="decode_window=4: windows need decode_layout in"):
+        sampling.sample(cfg, params, PROMPTS, decode_layout="scan", decode_window=4, **kw)
 
 
 def test_same_seed_same_samples_and_stop_padding():
