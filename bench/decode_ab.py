@@ -55,6 +55,11 @@ def baseline_models(rev: str) -> types.SimpleNamespace:
     ns = types.SimpleNamespace(**{k: getattr(models, k) for k in dir(models) if not k.startswith("_")})
     for name in _SWAPPED:
         setattr(ns, name, getattr(mod, name))
+    if not hasattr(mod, "window_blocks"):  # before the windows: one block, weights first
+        ns.decode_layout = lambda cfg, params, weights_first=True: mod.decode_layout(cfg, params)
+        ns.decode_step = lambda cfg, params, tokens, step, cache, block=0: mod.decode_step(
+            cfg, params, tokens, step, cache)
+        ns.init_shared_cache = lambda *a, window=None: mod.init_shared_cache(*a)
     return ns
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from catjax import models, parallel
 from catjax.models import ModelConfig, Params
+from catjax.models.decode import window_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +310,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     )
     # One loop per block of the shared cache's generated part (`models.decode.window_blocks`): a
     # step attends only the blocks up to its own, a static window, not all the loop will fill.
-    ends = cache.block_starts[1:] if shared else (n,)
+    ends = np.cumsum(window_blocks(n, decode_window)).tolist() if shared else [n]
     for block, end in enumerate(ends):
         state = jax.lax.while_loop(functools.partial(cond, end=end),
                                    functools.partial(body, block=block), state)

@@ -280,7 +280,7 @@ def _qkv_post(cfg: ModelConfig, p: Params, q, k, v, rope_cs):
 def _layer(cfg: ModelConfig, p: Params, x_btd, rope_cs, attend_fn):
     """One pre-norm transformer layer; `attend_fn(q, k, v) -> out` hides cache handling.
 
-    `models.decode.decode_step` runs the same layer on a feature-major hidden state: a change
+    `models.decode.decode_step` runs the same layer with merged matmuls: a change
     here must be made there too (tests/models/test_decode.py compares the two per family)."""
     h = rms_norm(cfg, x_btd, p["attn_norm"])
     q, k, v = _qkv(cfg, p, h, rope_cs)
