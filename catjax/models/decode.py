@@ -14,7 +14,7 @@ Two orientations of the layer matmuls (`decode_layout(weights_first=...)`):
   faster than h [rows, in] @ W [in, out] (SmolLM2-135M, 32 rows: the layers' matmuls 150 -> 110
   ms a step, bench/RESULTS.md). XLA's simplifier turns a transposed product back into the slow
   form, so the hidden state itself stays feature-major, [D, rows], from embedding to last layer.
-- rows first, h @ W, for accelerators, whose GEMMs take either form.
+- rows first, h @ W, for GPUs, whose GEMMs take either form (TPUs decode with the scan).
 Either way q/k/v and gate/up are one matmul each.
 
 `decode_layout` builds the per-layer weights once per sampler call (one copy of the layers, as
