@@ -59,7 +59,13 @@ def baseline_models(rev: str) -> types.SimpleNamespace:
         ns.decode_layout = lambda cfg, params, weights_first=True: mod.decode_layout(cfg, params)
         ns.decode_step = lambda cfg, params, tokens, step, cache, block=0: mod.decode_step(
             cfg, params, tokens, step, cache)
-        ns.init_shared_cache = lambda *a, window=None: mod.init_shared_cache(*a)
+
+        def init_shared_cache(*args, window=None):
+            if window:
+                sys.exit(f"decode_ab: {rev}'s decode.py has no windows (window={window})")
+            return mod.init_shared_cache(*args)
+
+        ns.init_shared_cache = init_shared_cache
     return ns
 
 

@@ -399,6 +399,8 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         raise ValueError(f"decode_layout={decode_layout!r}: expected one of {DECODE_LAYOUTS}")
     if decode_window is None:
         decode_window = default_decode_window(decode_layout)
+    if isinstance(decode_window, bool) or not isinstance(decode_window, int | np.integer):
+        raise ValueError(f"decode_window={decode_window!r} must be an integer (0: one window)")
     decode_window = int(decode_window)
     if decode_window < 0:
         raise ValueError(f"decode_window={decode_window} must be >= 0 (0: one window)")

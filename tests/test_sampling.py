@@ -101,6 +101,8 @@ def test_every_decode_layout_draws_the_same_samples(preset):
         sampling.sample(cfg, params, PROMPTS, decode_layout="unroled", **kw)
     with pytest.raises(ValueError, match="decode_window=-8 must be >= 0"):
         sampling.sample(cfg, params, PROMPTS, decode_window=-8, **kw)
+    with pytest.raises(ValueError, match="decode_window='64' must be an integer"):
+        sampling.sample(cfg, params, PROMPTS, decode_window="64", **kw)
     with pytest.raises(ValueError, match="decode_window=4: windows need decode_layout in"):
         sampling.sample(cfg, params, PROMPTS, decode_layout="scan", decode_window=4, **kw)
 

@@ -136,7 +136,6 @@ def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bkhs, vp_bksh, kg_blocks, vg_blo
     r, _, n, h = q_r1nh.shape
     b, kv, _, p = kp_bkhs.shape
     g, rep = r // b, n // kv
-    sizes = [k.shape[2] for k in kg_blocks]
 
     def to_prompt_rows(x_rk_):  # [R, K, rep, X] -> [B, K, G * rep, X]
         x = x_rk_.reshape(b, g, kv, rep, -1).transpose(0, 2, 1, 3, 4)
@@ -160,7 +159,8 @@ def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bkhs, vp_bksh, kg_blocks, vg_blo
     out = to_rows(jnp.einsum("bkms,bksh->bkmh", probs[..., :p], vp_bksh,
                              preferred_element_type=jnp.float32))
     start = p
-    for v, size in zip(vg_blocks, sizes, strict=True):
+    for v in vg_blocks:
+        size = v.shape[2]
         probs_j = to_rows(probs[..., start:start + size]).reshape(r, kv, rep, size)
         out = out + jnp.einsum("rkqs,rksh->rkqh", probs_j, v, preferred_element_type=jnp.float32)
         start += size
@@ -179,6 +179,9 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
     g, p, starts = cache.group, cache.prompt_slots, cache.block_starts
     if not 0 <= block < len(cache.generated):
         raise ValueError(f"block={block}: the cache has {len(cache.generated)} generated blocks")
+    if not is_decode_layout(params):
+        raise ValueError("decode_step: params must come from models.decode_layout (merged, "
+                         "per-layer weights), not the stacked model params")
     wf = "qkv_t" in params["layers"][0]
     fa = 0 if wf else 1  # the feature axis of the hidden state: [D, R] weights first, else [R, D]
 

@@ -98,7 +98,7 @@ def test_window_blocks_reject_a_negative_window():
         decode.window_blocks(8, -1)
 
 
-def test_a_step_outside_the_cache_blocks_is_refused():
+def test_a_step_outside_the_cache_blocks_or_stacked_params_are_refused():
     cfg = models.get_preset("tiny_llama")
     params = models.init_params(cfg, jax.random.key(0))
     cache = models.init_shared_cache(cfg, models.init_cache(cfg, 1, 4), jnp.asarray([4]), 2, 4,
@@ -106,3 +106,5 @@ def test_a_step_outside_the_cache_blocks_is_refused():
     with pytest.raises(ValueError, match="block=2: the cache has 2 generated blocks"):
         models.decode_step(cfg, models.decode_layout(cfg, params), jnp.zeros(2, jnp.int32),
                            jnp.int32(0), cache, 2)
+    with pytest.raises(ValueError, match="params must come from models.decode_layout"):
+        models.decode_step(cfg, params, jnp.zeros(2, jnp.int32), jnp.int32(0), cache, 0)
