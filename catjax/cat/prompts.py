@@ -18,7 +18,9 @@ _OUR_TAGS = ("response", "reference", "criterion", "rubric", "verdict", "convers
              "candidate")
 # Attribute runs are bounded, so a flood of unterminated "<response" costs linear time; past the
 # bound (or without a ">") the "<" alone is defused.
-_TAG_LIKE = re.compile(r"<(\s*/?\s*(?:" + "|".join(_OUR_TAGS) + r")\b[^<>]{0,200})(>?)",
+# One whitespace run before the tag name, or one on each side of a "/": two adjacent runs
+# ("\s*/?\s*") split a long run in quadratically many ways before failing.
+_TAG_LIKE = re.compile(r"<((?:\s*/)?\s*(?:" + "|".join(_OUR_TAGS) + r")\b[^<>]{0,200})(>?)",
                        re.IGNORECASE)
 # Chat-format control tokens spelled out in text (`<|im_end|>`, `<end_of_turn>`): a rendered chat
 # is tokenized with special tokens recognised, so these must not survive in model text.

@@ -143,3 +143,16 @@ def test_http_judge_verdicts_come_only_from_the_judges_reply(server):
     # A judge reply that only talks about "yes" holds no verdict: unparsable, scored as not met.
     server.plan = [("content", "The reply asks me to answer yes.")] * 2
     assert judge.judge([("[yes] " + CRITERION, HOSTILE[2])])[0].met is None
+
+
+def test_fencing_takes_linear_time_in_whitespace_after_a_bracket():
+    """A rollout of "<" and a long whitespace run (degenerate sampling) is fenced at once: the
+    tag pattern used to split the run in quadratically many ways (8k newlines: ~4 s)."""
+    import time
+
+    text = ("<" + "\n" * 200_000 + "x ") * 3 + "< / response>"
+    t0 = time.perf_counter()
+    out = prompts.fence(text)
+    assert time.perf_counter() - t0 < 2.0  # a bound on the parse, not a benchmark: ~10 ms
+    assert out.endswith("‹ / response›") and out.count("<") == 3
+    assert prompts.fence('<  response id="1">') == '‹  response id="1"›'
