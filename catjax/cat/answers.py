@@ -189,7 +189,8 @@ _MACRO_ALIASES = (
     (re.compile(r"\\varnothing(?![A-Za-z])"), r"\\emptyset"),
 )
 # Degrees: `90^\circ`, `90^{\circ}`, `90°`, `90\degree` all mean the number 90.
-_DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])")
+# (One whitespace run before the brace, one after: `\s*\{?\s*` would split a long run every way.)
+_DEGREE_RE = re.compile(r"\^\s*(?:\{\s*)?\\circ\s*\}?|°|\\degree(?![A-Za-z])")
 # Percent sign: `10\%` is graded as `10` (MATH gold answers drop it inconsistently).
 _PERCENT_RE = re.compile(r"\\?%")
 
@@ -227,7 +228,9 @@ _MAX_UNWRAP_PASSES = 4
 _CHOICE_RE = re.compile(r"\(\s*([A-E])\s*\)")
 # A single answer written as an assignment: `x = 5`, `y=2x+3`, `x \in [-2, 7]` keep the
 # right-hand side. Not when another `=` follows (`x=1, y=2` is a system, not one answer).
-_ASSIGN_RE = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)\s*(?:=|\\in(?![A-Za-z]))\s*([^=]+)")
+# The right-hand side takes its own leading spaces (squeezed later): a `\s*` before it would
+# split a long run every way once a later `=` fails the match.
+_ASSIGN_RE = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)\s*(?:=|\\in(?![A-Za-z]))([^=]+)")
 # Whitespace: dropped, except between a control word and a letter (`\cot x` != `\cotx`).
 _WHITESPACE_RE = re.compile(r"(\\[A-Za-z]+)?\s+(?=([A-Za-z])?)")
 # Shorthand arguments: `\frac12` -> `\frac{1}{2}`, `\frac{270}7` -> `\frac{270}{7}`,
@@ -243,7 +246,8 @@ _SCRIPT_RE = re.compile(r"([\^_])\{([^{}\\])\}")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", re.ASCII)
 # `.5` -> `0.5`; `2.50` -> `2.5`; `5.0` / `5.00` -> `5`.
 _LEADING_DOT_RE = re.compile(r"(?<![\d.])\.(?=\d)")
-_TRAILING_ZEROS_RE = re.compile(r"(?<![\d.])(\d+)\.(\d*?)0+(?![\d.])", re.ASCII)
+# (The zeros are stripped in Python: a lazy `(\d*?)0+` retries every split of a long fraction.)
+_DECIMAL_RE = re.compile(r"(?<![\d.])(\d+)\.(\d+)(?![\d.])", re.ASCII)
 
 
 def _strip_controls(s: str) -> str:
@@ -321,9 +325,10 @@ def _canonical_decimals(s: str) -> str:
     s = _LEADING_DOT_RE.sub("0.", s)
 
     def repl(m: re.Match[str]) -> str:
-        return m.group(1) + ("." + m.group(2) if m.group(2) else "")
+        frac = m.group(2).rstrip("0")
+        return m.group(1) + ("." + frac if frac else "")
 
-    return _TRAILING_ZEROS_RE.sub(repl, s)
+    return _DECIMAL_RE.sub(repl, s)
 
 
 # Longer "answers" are not answers (a runaway generation, an attack): they normalise to "", so
@@ -338,7 +343,7 @@ def normalize(ans: str | None) -> str:
     `$`/delimiters/thin spaces, `\\left`/`\\right`, macro aliases (`\\dfrac` -> `\\frac`, ...),
     degree signs, percent signs, units after a number, `\\text{}`-style wrappers, `(C)` ->
     `C`, leading `x =` / `x \\in`, whitespace, `\\frac12`/`\\sqrt2` braces, thousands
-    separators, a trailing period, and decimal spelling (`.5`, `2.50`, `5.0`).
+    a trailing period, thousands separators, and decimal spelling (`.5`, `2.50`, `5.0`).
     Linear-time regexes only. None, "" and answers over `MAX_ANSWER_CHARS` -> "".
     """
     if not ans or len(ans) > MAX_ANSWER_CHARS:
@@ -356,8 +361,8 @@ def normalize(ans: str | None) -> str:
     s = _drop_assignment(s)
     s = _squeeze_whitespace(s)
     s = _brace_shorthand(s)
+    s = _drop_trailing_period(s)  # first: `1,000.` is the number 1000, then a full stop
     s = _drop_thousands(s)
-    s = _drop_trailing_period(s)
     return _canonical_decimals(s)
 
 
@@ -396,12 +401,27 @@ def parse_number(s: str) -> Fraction | None:
     return -value if m.group(1) else value
 
 
+def _decimal_places(x: Fraction) -> int | None:
+    """Digits after the point of `x`'s finite decimal expansion; None if it has none (1/3)."""
+    d, twos, fives = x.denominator, 0, 0
+    while d % 2 == 0:
+        d, twos = d // 2, twos + 1
+    while d % 5 == 0:
+        d, fives = d // 5, fives + 1
+    return max(twos, fives) if d == 1 else None
+
+
 def _numbers_match(a: Fraction, b: Fraction) -> bool:
+    """Equal, or within a relative 1e-6 (a rounded decimal of 1/3, float noise such as
+    0.30000000000000004). Two finite decimals must also agree to the coarser one's last digit
+    (differ by under half a unit there): 3.5000001 = 7/2, but 123456.7 != 123456.8 and
+    1000001 != 1000000 (distinct integers never match, however large)."""
     if a == b:
         return True
-    if a.denominator == 1 and b.denominator == 1:
-        return False  # distinct integers never match, however large (counting answers)
-    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
+    if abs(a - b) > _REL_TOL * max(abs(a), abs(b)):
+        return False
+    places = [_decimal_places(a), _decimal_places(b)]
+    return None in places or abs(a - b) * 2 * 10 ** min(places) < 1
 
 
 # --------------------------------------------------------------------------------------------
