@@ -51,8 +51,7 @@ def evaluate_batch(policy: cat_round.Model, examples: Sequence[Any], rng: jax.Ar
                                                    np.asarray(res.rollouts.lengths), g)
     if "self_select" in baselines:
         picks["self_select"], _ = selection.self_select(
-            policy.cfg, policy.params, policy.tokenizer, groups, k_sel,
-            chat_kwargs=dict(rc.chat_kwargs))
+            policy.cfg, policy.params, policy.tokenizer, groups, k_sel, rc)
     if "mutual" in baselines and g > 1:
         picks["mutual"] = selection.mutual_predictability(policy.cfg, policy.params,
                                                           policy.tokenizer, groups)
@@ -208,7 +207,7 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     os.makedirs(wd.local, exist_ok=True)
     wd.pull("records.jsonl")  # gs://: resume from the bucket's records (fails fast, before any weights)
     if policy is None:
-        policy = loading.load_model(config.model)
+        policy = loading.load_model(config.model, seed=config.seed)
     rc = loading.round_config(config.round)
     if rc.task == "freeform" and judge is None:
         judge = loading.make_judge(config.judge, policy)

@@ -42,9 +42,11 @@ def resolve_init(init: str) -> str:
     return {"smollm2": smollm2_path, "toy": toy_path}.get(init, lambda: init)()
 
 
-def load_model(mc: Any) -> cat_round.Model:
-    """`mc.init`: 'smollm2', a HF directory, a .gguf file (local or gs://); `mc.tokenizer`
-    defaults to the same place; `mc.dtype` converts the weights ('' keeps the checkpoint's)."""
+def load_model(mc: Any, seed: int = 0) -> cat_round.Model:
+    """`mc.init`: 'smollm2', a HF directory, a .gguf file (local or gs://), or 'random:PRESET'
+    (weights drawn from `mc.seed`, else `seed`: pass the run's `config.seed`, so one seed
+    drives everything); `mc.tokenizer` defaults to the same place; `mc.dtype` converts the
+    weights ('' keeps the checkpoint's)."""
     path = mc.init if str(mc.init).startswith("random:") else resolve_init(mc.init)
     dtype = mc.get("dtype") or None
     if str(mc.init).startswith("random:"):
@@ -52,7 +54,7 @@ def load_model(mc: Any) -> cat_round.Model:
         if mc.get("vocab_size"):
             overrides["vocab_size"] = int(mc.vocab_size)
         cfg = models.get_preset(mc.init.split(":", 1)[1], **overrides)
-        params = models.init_params(cfg, jax.random.key(mc.get("seed", 0)))
+        params = models.init_params(cfg, jax.random.key(int(mc.get("seed", seed))))
     else:
         cfg, params = models.from_pretrained(path, dtype=dtype)
     if mc.get("params_from"):

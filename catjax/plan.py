@@ -325,7 +325,7 @@ def measure_train(cfg: ModelConfig, config: Any, prompt_tokens: int) -> TrainFit
 def _rl_config(config: Any) -> Any:
     from catjax.rl import trainer
 
-    return trainer.RLConfig(num_rollouts=int(config.round.num_rollouts), **dict(config.rl))
+    return trainer.RLConfig.from_config(config.rl, int(config.round.num_rollouts))
 
 
 # --- the plan ----------------------------------------------------------------------------------

@@ -57,5 +57,5 @@ class LocalJudge(Judge):
         p_yes = np.exp(logp[:, self.yes_ids]).sum(-1)
         p_no = np.exp(logp[:, self.no_ids]).sum(-1)
         prob = p_yes / np.maximum(p_yes + p_no, 1e-30)
-        self.stats.calls += len(pairs)
+        self._count(pairs=len(pairs), calls=len(pairs))
         return [Verdict(met=bool(p > 0.5), raw=f"p_yes={p:.4f}", prob_yes=float(p)) for p in prob]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -58,7 +58,7 @@ class RoundConfig:
     extract_modes: tuple[str, ...] = ("boxed",)
     rubric_min_items: int = 5
     rubric_retries: int = 2
-    length_penalty_tokens: int = 0  # > 0: reward -1 over this many tokens (paper: 750)
+    length_penalty_tokens: int = 0  # > 0: -1 added to a reply longer than this (paper: 750)
     chat_kwargs: tuple[tuple[str, Any], ...] = ()  # e.g. (("no_think", True),) for Qwen 3
     prompt_style: str = "default"  # "default" (English templates) | "toy" (the synthetic task)
     prompt_overflow: str = "truncate"  # prompts over the context: "truncate" (counted) | "reject"
@@ -131,7 +131,11 @@ def fit_prompt(ids: list[int], budget: int, tokenizer: Any, rc: RoundConfig, wha
     (reject) a one-line ValueError. Returns (ids, whether they were cut)."""
     if len(ids) <= budget:
         return ids, False
-    if rc.prompt_overflow == "reject" or budget < 1:
+    if budget < 1:
+        field = "max_new_tokens" if what == "policy" else "synthesis_max_new_tokens"
+        raise ValueError(f"round.{field}={max_new} leaves no room for a {what} prompt in the "
+                         f"model's context of {cfg.max_position} tokens; lower it")
+    if rc.prompt_overflow == "reject":
         raise _too_long(what, len(ids), budget, cfg, max_new)
     mark = tokenizer.encode(" [...] ") if rc.prompt_style != "toy" else []
     if budget <= 2 * len(mark):
@@ -159,23 +163,33 @@ def synthesis_prompt(tokenizer: Any, group: Sequence[str], kind: str, rc: RoundC
 
     Truncation keeps each rollout's end (its final answer) and shortens the longest rollouts
     first, marking each cut with "[...]"; the prompt's own structure is never cut."""
+    return group_prompt(tokenizer, group,
+                        lambda texts: prompts.synthesis(list(texts), kind, rc.prompt_style),
+                        rc, budget, cfg, "synthesis", rc.synthesis_max_new_tokens)
+
+
+def group_prompt(tokenizer: Any, group: Sequence[str],
+                 messages: Callable[[Sequence[str]], prompts.Messages], rc: RoundConfig,
+                 budget: int, cfg: ModelConfig, what: str,
+                 max_new: int) -> tuple[list[int], bool]:
+    """Token ids of `messages(group)` (a prompt over G rollouts), cut to `budget` as
+    `synthesis_prompt` describes; `what` and `max_new` name the prompt and its new-token
+    budget in errors."""
     chat_kwargs = dict(rc.chat_kwargs)
 
     def render(texts: Sequence[str]) -> list[int]:
-        return chat_ids(tokenizer, prompts.synthesis(list(texts), kind, rc.prompt_style),
-                        chat_kwargs)
+        return chat_ids(tokenizer, messages(texts), chat_kwargs)
 
     ids = render(group)
     if len(ids) <= budget:
         return ids, False
-    max_new = rc.synthesis_max_new_tokens
     if rc.prompt_overflow == "reject":
-        raise _too_long("synthesis", len(ids), budget, cfg, max_new)
+        raise _too_long(what, len(ids), budget, cfg, max_new)
     overhead = len(render([""] * len(group)))
     if overhead >= budget:
-        raise ValueError(f"round: the synthesis prompt of {len(group)} empty rollouts is already "
+        raise ValueError(f"round: the {what} prompt of {len(group)} empty rollouts is already "
                          f"{overhead} tokens, over the {budget} the model's context of "
-                         f"{cfg.max_position} leaves beside round.synthesis_max_new_tokens={max_new}")
+                         f"{cfg.max_position} leaves beside {max_new} new tokens")
     mark = "[...] " if rc.prompt_style != "toy" else ""
     n_mark = len(tokenizer.encode(mark)) if mark else 0
     toks = [tokenizer.encode(t) for t in group]
@@ -190,7 +204,7 @@ def synthesis_prompt(tokenizer: Any, group: Sequence[str], kind: str, rc: RoundC
         avail -= len(ids) - budget
     ids = render([mark] * len(group))
     if len(ids) > budget:
-        raise ValueError(f"round: cannot fit the synthesis prompt into {budget} tokens")
+        raise ValueError(f"round: cannot fit the {what} prompt into {budget} tokens")
     return ids, True
 
 
@@ -243,7 +257,8 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
     faults.point("rollout")  # crash tests only (CATJAX_FAULT); a no-op otherwise
     groups = [flat[i * g:(i + 1) * g] for i in range(len(examples))]
     references = synthesize(anchor, groups, rc.task, k_syn, rc, overflow)
-    lengths = np.asarray(out.lengths)
+    # Reply tokens, the stop token excluded: what the length penalty and the records count.
+    lengths = np.asarray(out.lengths) - np.asarray(out.stopped)
     metrics: Counter = Counter()
     records = []
     if rc.task == "math":
@@ -268,10 +283,21 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
             raise ValueError("round.task='freeform' needs a judge")
         rewards, records = _freeform_rewards(anchor, judge, examples, groups, references,
                                              lengths, rc, metrics, overflow)
-    n = max(len(examples), 1)
-    summary = {k: v / (n if k.startswith("synthesis") else n * g) for k, v in metrics.items()}
+    summary = round_summary(metrics, len(examples), g)
     summary["prompt_truncated"] = float(overflow["prompt_truncated"])  # a count, not a rate
     return RoundResult(out, prompt_ids, rewards, records, summary)
+
+
+def round_summary(counts: Counter, num_questions: int, group_size: int) -> dict[str, float]:
+    """A round's counts as rates: `synthesis*` per question (one synthesis, one rubric each:
+    `synthesis_rubric_fallbacks` is the fallback rate, `_criteria` the mean rubric size),
+    `verdict_unparsable` per judged (criterion, rollout) pair, the rest per rollout
+    (`judge_pairs`: criteria judged per rollout)."""
+    n = max(num_questions, 1)
+    out = {k: v / (n if k.startswith("synthesis") else n * group_size) for k, v in counts.items()}
+    if "verdict_unparsable" in counts:
+        out["verdict_unparsable"] = counts["verdict_unparsable"] / max(counts["judge_pairs"], 1)
+    return out
 
 
 def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array, counts: Counter | None = None):
@@ -291,14 +317,15 @@ def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array, counts: Cou
     return generate
 
 
-def _freeform_rewards(anchor, judge, examples, groups, references, lengths, rc, metrics,
+def _freeform_rewards(anchor, judge, examples, groups, references, reply_lengths, rc, metrics,
                       overflow=None):
     g = rc.num_rollouts
     criteria, rstats = rubrics.propose_rubric(
         _anchor_generate(anchor, rc, jax.random.key(0), overflow), list(references),
         min_items=rc.rubric_min_items, retries=rc.rubric_retries)
-    for k, v in rstats.as_metrics().items():
-        metrics[f"synthesis_rubric_{k}"] += v
+    # Counts; the round divides them by the questions (fallbacks per question = the rate).
+    for k in ("attempts", "parse_failures", "fallbacks", "criteria"):
+        metrics[f"synthesis_rubric_{k}"] += getattr(rstats, k)
     pairs, index = [], []
     for i, (crit, group) in enumerate(zip(criteria, groups, strict=True)):
         for j, text in enumerate(group):
@@ -306,6 +333,7 @@ def _freeform_rewards(anchor, judge, examples, groups, references, lengths, rc, 
                 pairs.append((c, text))
                 index.append((i, j))
     verdicts = judge.judge(pairs)
+    metrics["judge_pairs"] += len(pairs)
     per_rollout: dict[tuple[int, int], list] = {}
     for key, v in zip(index, verdicts, strict=True):
         per_rollout.setdefault(key, []).append(v.met)
@@ -315,12 +343,12 @@ def _freeform_rewards(anchor, judge, examples, groups, references, lengths, rc, 
     for i, ex in enumerate(examples):
         for j in range(g):
             r = rubrics.rubric_reward(per_rollout.get((i, j), []))
-            if rc.length_penalty_tokens and lengths[i * g + j] > rc.length_penalty_tokens:
-                r = rubrics.length_penalty(int(lengths[i * g + j]), rc.length_penalty_tokens)
+            if rc.length_penalty_tokens:
+                r += rubrics.length_penalty(int(reply_lengths[i * g + j]), rc.length_penalty_tokens)
             rewards[i * g + j] = r
         records.append(dict(
             id=ex.id, question=ex.question, rollouts=groups[i], synthesis=references[i],
             rubric=criteria[i], verdicts=[per_rollout.get((i, j), []) for j in range(g)],
             rewards=rewards[i * g:(i + 1) * g].tolist(),
-            rollout_lengths=lengths[i * g:(i + 1) * g].tolist()))
+            rollout_lengths=reply_lengths[i * g:(i + 1) * g].tolist()))
     return rewards, records

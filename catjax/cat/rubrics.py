@@ -301,5 +301,6 @@ def rubric_reward(verdicts: Sequence[bool | None]) -> float:
 
 
 def length_penalty(num_tokens: int, limit: int = 750, penalty: float = -1.0) -> float:
-    """Additive penalty for replies over ``limit`` tokens (the paper: -1 past 750 on HealthBench)."""
+    """Added to the rubric reward of a reply over ``limit`` tokens, its stop token not counted
+    (the paper: -1 past 750 on HealthBench), so long replies still rank by their rubric score."""
     return penalty if num_tokens > limit else 0.0

@@ -52,15 +52,22 @@ def parse_choice(text: str, num_candidates: int) -> int | None:
 
 
 def self_select(cfg: ModelConfig, params: Params, tokenizer: Any,
-                rollouts: Sequence[Sequence[str]], rng: jax.Array,
-                chat_kwargs: dict | None = None, max_new_tokens: int = 16) -> tuple[list[int], int]:
+                rollouts: Sequence[Sequence[str]], rng: jax.Array, rc: Any,
+                max_new_tokens: int = 16) -> tuple[list[int], int]:
     """The model picks its own best rollout (greedy). Unparsable picks fall back to rollout 0;
-    returns the picks and how many fell back."""
-    convs = [prompts.self_select(list(r)) for r in rollouts]
-    texts, _ = sampling.sample_text(cfg, params, tokenizer, convs, max_new_tokens=max_new_tokens,
-                                    rng=rng, temperature=0.0, chat_kwargs=chat_kwargs)
+    returns the picks and how many fell back. The prompt over G rollouts is fenced and fitted
+    to the context as the synthesis prompt is (`rc`: the round's `RoundConfig`)."""
+    from catjax.cat import round as cat_round
+
+    budget = cat_round.prompt_budget(cfg, max_new_tokens)
+    ids = [cat_round.group_prompt(tokenizer, r, lambda texts: prompts.self_select(list(texts)),
+                                  rc, budget, cfg, "self-selection", max_new_tokens)[0]
+           for r in rollouts]
+    out = sampling.sample(cfg, params, ids, max_new_tokens=max_new_tokens, rng=rng,
+                          temperature=0.0, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    texts = [tokenizer.decode(c) for c in sampling.completions(out)]
     picks, fallbacks = [], 0
-    for (t,), r in zip(texts, rollouts, strict=True):
+    for t, r in zip(texts, rollouts, strict=True):
         k = parse_choice(t, len(r))
         fallbacks += k is None
         picks.append(0 if k is None else k)

@@ -154,13 +154,20 @@ def rloo_advantages(rewards_r, group_size: int, *, scale: str = "none", eps: flo
 
 
 def advantages(rewards_r, group_size: int, method: str = "grpo", scale: str = "group",
-               eps: float = 1e-6) -> jax.Array:
+               eps: float = 1e-6, task_rewards_r=None) -> jax.Array:
     """Per-rollout advantages [r] from scalar rewards [r] (rows grouped G at a time).
 
-    See the table above for how `method` and `scale` combine. All arguments but `rewards_r` are
-    static.
+    See the table above for how `method` and `scale` combine. `task_rewards_r` are the rewards
+    before a reward-level KL penalty (`kl_penalized_rewards`): a group whose task rewards are all
+    equal gets advantage exactly 0, because its penalised rewards differ only by KL noise
+    (~1e-5) that the group z-score would blow up to advantages of about +-1.5. All arguments
+    but the rewards are static.
     """
-    return _get(ADVANTAGES, method, "advantage method")(rewards_r, group_size, scale=scale, eps=eps)
+    adv_r = _get(ADVANTAGES, method, "advantage method")(rewards_r, group_size, scale=scale, eps=eps)
+    if task_rewards_r is None:
+        return adv_r
+    constant_b1 = _constant_groups(_grouped(task_rewards_r, group_size))
+    return jnp.where(constant_b1, 0.0, adv_r.reshape(-1, group_size)).reshape(-1)
 
 
 # --- KL estimators (per token, policy vs reference; Schulman, "Approximating KL divergence") ---

@@ -48,20 +48,53 @@ class RLConfig:
     logprob_chunk: int = 128  # completion tokens per row scored at once; 0 = all at once
 
     def __post_init__(self):
-        if self.kl_mode not in ("reward", "loss", "none"):
-            raise ValueError(f"rl.kl_mode={self.kl_mode!r}: use 'reward', 'loss' or 'none'")
-        if self.advantage not in grpo.ADVANTAGES:
-            raise ValueError(f"rl.advantage={self.advantage!r}: choose from {sorted(grpo.ADVANTAGES)}")
-        if self.loss_agg not in grpo.LOSS_AGGREGATIONS:
-            raise ValueError(f"rl.loss_agg={self.loss_agg!r}: choose from "
-                             f"{sorted(grpo.LOSS_AGGREGATIONS)}")
-        if self.num_iterations < 1:
-            raise ValueError(f"rl.num_iterations={self.num_iterations} must be >= 1")
-        if self.logprob_chunk < 0:
-            raise ValueError(f"rl.logprob_chunk={self.logprob_chunk} must be >= 0 (0: unchunked)")
+        # Every field is checked here, at start-up: a typo must not wait for the first compile,
+        # minutes into a run (after the model has loaded and the first round has sampled).
+        choices = {"kl_mode": ("reward", "loss", "none"), "advantage": sorted(grpo.ADVANTAGES),
+                   "kl_estimator": sorted(grpo.KL_ESTIMATORS), "scale": list(grpo.SCALES),
+                   "loss_agg": sorted(grpo.LOSS_AGGREGATIONS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config.rl.{name}={getattr(self, name)!r}: choose from {list(allowed)}")
+        minimum = {"num_rollouts": 1, "num_iterations": 1, "micro_batch": 0, "logprob_chunk": 0}
+        for name, lo in minimum.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"config.rl.{name}={v!r} must be an integer >= {lo}")
+        for name in ("epsilon", "epsilon_high", "kl_coef"):
+            v = getattr(self, name)
+            if v is None and name == "epsilon_high":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf"):
+                raise ValueError(f"config.rl.{name}={v!r} must be a finite number >= 0")
+
+    @classmethod
+    def from_config(cls, rl: Any, num_rollouts: int) -> RLConfig:
+        """From `config.rl` (a ConfigDict or mapping); unknown keys are one line naming them."""
+        d = dict(rl)
+        known = {f.name for f in dataclasses.fields(cls)} - {"num_rollouts"}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"config.rl: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(num_rollouts=num_rollouts, **d)
 
 
-def make_optimizer(oc: Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(oc: Any, total_steps: int,
+                   updates_per_step: int = 1) -> optax.GradientTransformation:
+    """Clipped AdamW on `oc.schedule`, whose steps (warm-up, `total_steps`) are training steps.
+
+    A step may apply several optimizer updates (`rl.num_iterations` PPO epochs): they share the
+    step's learning rate, so a cosine ends at the last step, not at `total_steps /
+    updates_per_step`.
+    """
+    lr = _schedule(oc, total_steps)
+    if updates_per_step != 1:
+        per_update = lr
+        lr = lambda count: per_update(count // updates_per_step)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(oc.clip_norm),
+                       optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay))
+
+
+def _schedule(oc: Any, total_steps: int) -> optax.Schedule:
     if oc.schedule == "constant":
         lr = optax.constant_schedule(oc.lr) if not oc.warmup_steps else optax.join_schedules(
             [optax.linear_schedule(0.0, oc.lr, oc.warmup_steps), optax.constant_schedule(oc.lr)],
@@ -69,9 +102,8 @@ def make_optimizer(oc: Any, total_steps: int) -> optax.GradientTransformation:
     elif oc.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(oc.warmup_steps, 1), total_steps)
     else:
-        raise ValueError(f"optimizer.schedule={oc.schedule!r}: use 'constant' or 'cosine'")
-    return optax.chain(optax.clip_by_global_norm(oc.clip_norm),
-                       optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay))
+        raise ValueError(f"config.optimizer.schedule={oc.schedule!r}: use 'constant' or 'cosine'")
+    return lr
 
 
 # --- the training batch ----------------------------------------------------------------------
@@ -159,11 +191,13 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
         ref_lp = jax.lax.map(lambda b: completion_logprobs(cfg, anchor, b, rl.logprob_chunk)[0],
                              split(batch))
         ref_lp = jax.lax.stop_gradient(ref_lp.reshape(mask.shape))
-    rewards = batch["rewards"]
+    rewards = task_rewards = batch["rewards"]
     if rl.kl_mode == "reward":
         rewards = grpo.kl_penalized_rewards(rewards, old_lp, ref_lp, mask, rl.kl_coef,
                                             rl.kl_estimator)
-    adv = grpo.advantages(rewards, rl.num_rollouts, rl.advantage, rl.scale)
+    # Groups whose task rewards tie get no advantage, whatever their KL noise (see advantages).
+    adv = grpo.advantages(rewards, rl.num_rollouts, rl.advantage, rl.scale,
+                          task_rewards_r=task_rewards)
     chunks = split(dict(batch, adv=adv, ref_lp=ref_lp, old_lp=old_lp))
     loss_kw = dict(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg,
                    kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
@@ -171,9 +205,11 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
 
     def micro(p, mbatch):
         lp, ent = completion_logprobs(cfg, compute_params(cfg, p), mbatch, rl.logprob_chunk)
+        # Without a KL term there is no reference: its "kl" metric is then (0, 0), not a
+        # divergence from the behaviour log-probs under a reference's name.
         num, den, mets = grpo.policy_loss_terms(
-            lp, mbatch["old_lp"], mbatch["adv"], mbatch["mask"], ref_logprobs_rt=mbatch["ref_lp"],
-            **loss_kw)
+            lp, mbatch["old_lp"], mbatch["adv"], mbatch["mask"],
+            ref_logprobs_rt=None if rl.kl_mode == "none" else mbatch["ref_lp"], **loss_kw)
         m = mbatch["mask"]
         mets = dict(mets, entropy=(jnp.sum(ent * m), jnp.sum(m)),
                     logprob_gap=(jnp.sum(jnp.abs(lp - mbatch["old_lp"]) * m), jnp.sum(m)))
@@ -214,7 +250,9 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
                                             length=rl.num_iterations)
     mets = jax.tree.map(lambda x: x[-1], mets)
     if rl.kl_mode != "none":
-        mets["kl_ref"] = (jnp.sum(grpo.KL_ESTIMATORS["k3"](old_lp, ref_lp) * mask), jnp.sum(mask))
+        valid = mask > 0  # `where`, not `* mask`: a padded slot's log-probs may be -inf
+        kl_k3 = grpo.KL_ESTIMATORS["k3"](jnp.where(valid, old_lp, 0.0), jnp.where(valid, ref_lp, 0.0))
+        mets["kl_ref"] = (jnp.sum(jnp.where(valid, kl_k3, 0.0)), jnp.sum(mask))
     return params, opt_state, mets
 
 
@@ -299,7 +337,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     from catjax import loading
 
     rc = loading.round_config(config.round)
-    rl = RLConfig(num_rollouts=rc.num_rollouts, **dict(config.rl))
+    rl = RLConfig.from_config(config.rl, rc.num_rollouts)
     mesh = parallel.make_mesh(**dict(config.mesh))
     rows, dp = config.batch_size * rl.num_rollouts, parallel.data_parallel_size(mesh)
     if rows % dp:
@@ -319,7 +357,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
                          f"{len(examples)} examples do not fill one batch of "
                          f"config.batch_size={config.batch_size}")
     if policy is None:
-        policy = loading.load_model(config.model)
+        policy = loading.load_model(config.model, seed=config.seed)
     cfg = policy.cfg.replace(remat=bool(config.get("remat", False)))
     tok = policy.tokenizer
     params = _shard_params(cfg, policy.params, mesh)
@@ -334,9 +372,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     if jnp.dtype(cfg.dtype) != master:
         params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master), t))(params)
         as_compute = jax.jit(functools.partial(compute_params, cfg))
-    if rc.task == "freeform" and judge is None:
-        judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok))
-    opt = make_optimizer(config.optimizer, config.steps)
+    opt = make_optimizer(config.optimizer, config.steps, rl.num_iterations)
     opt_shardings = _opt_shardings(opt, params, mesh)
     opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
     # The update keeps each state array's sharding: left to the compiler, outputs come back laid
@@ -358,6 +394,10 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         start = int(meta["step"])
         writer.truncate_after(start)
         print(f"resumed from step {start}")
+    # After the restore: a local judge built on the anchor reads the restored arrays (built
+    # before, it would hold the pre-restore copy, a second anchor in device memory).
+    if rc.task == "freeform" and judge is None:
+        judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok))
     is_preempted = checkpoint.install_preemption_handler()
     rng = jax.random.key(config.seed)
     # The global batch of a step is fixed by (seed, step); this process reads only its part.
@@ -412,11 +452,12 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
                                             config.seed))
             writer.write(step + 1, last)
             faults.point("checkpoint_write", step + 1)
+            preempted = is_preempted()  # read once: a signal between two reads would skip the save
             ckpt.save(step + 1, {"params": params, "opt_state": opt_state, "anchor": anchor},
-                      meta={"step": step + 1}, force=step + 1 == config.steps or is_preempted())
+                      meta={"step": step + 1}, force=step + 1 == config.steps or preempted)
             bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last.get('kl_ref', 0):.2e}")
             bar.update(1)
-            if is_preempted():
+            if preempted:
                 ckpt.wait()
                 print(f"preempted: saved step {step + 1}, exiting")
                 break

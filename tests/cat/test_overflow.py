@@ -90,3 +90,21 @@ def test_round_truncates_and_counts_long_prompts(tiny, caplog):
     lines = [r.getMessage() for r in caplog.records if "prompt_truncated" in r.getMessage()]
     assert lines and all("\n" not in m for m in lines)
     assert res.rewards.shape == (4,) and np.all(np.isfinite(res.rewards))
+
+
+def test_new_tokens_that_fill_the_context_are_named_not_the_overflow_setting(tiny):
+    q = Example(id="q", question="1 + 1", messages=(), answer="2", rubrics=(), meta={})
+    with pytest.raises(ValueError, match=rf"^round\.max_new_tokens={CONTEXT} leaves no room"):
+        cat_round.run_round(tiny, tiny, [q], jax.random.key(0), _rc(max_new_tokens=CONTEXT))
+
+
+def test_self_selection_prompt_is_fitted_like_the_synthesis_prompt(tiny):
+    from catjax.cat import selection
+
+    long_group = ["Let me think. " * 300 + "\\boxed{7}", "Compute carefully; " * 200 + "\\boxed{8}"]
+    picks, fallbacks = selection.self_select(tiny.cfg, tiny.params, tiny.tokenizer,
+                                             [long_group], jax.random.key(0), _rc(), 4)
+    assert len(picks) == 1 and 0 <= picks[0] < 2 and fallbacks in (0, 1)
+    with pytest.raises(ValueError, match="a self-selection prompt of"):
+        selection.self_select(tiny.cfg, tiny.params, tiny.tokenizer, [long_group],
+                              jax.random.key(0), _rc(prompt_overflow="reject"), 4)

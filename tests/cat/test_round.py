@@ -1,13 +1,14 @@
 """One CaT round end to end with a tiny random model: math and free-form (rubric + local judge)."""
 
 import json
+from collections import Counter
 
 import jax
 import numpy as np
 import pytest
 
 from catjax import models, scoring, text
-from catjax.cat import local_judge, prompts
+from catjax.cat import judges, local_judge, prompts
 from catjax.cat import round as cat_round
 from catjax.data import Example
 from tests.assets import smollm2_gguf
@@ -58,6 +59,9 @@ def test_freeform_round_falls_back_and_scores_with_the_local_judge(tiny):
     assert len(res.records[0]["rubric"]) == 1
     assert np.all((res.rewards >= 0) & (res.rewards <= 1))
     assert all(len(v) == 1 for v in res.records[0]["verdicts"])
+    # Reply lengths (what the length penalty counts) leave out the stop token.
+    out = res.rollouts
+    assert res.records[0]["rollout_lengths"] == (np.asarray(out.lengths) - np.asarray(out.stopped)).tolist()
 
 
 def test_local_judge_reads_only_its_own_next_token_distribution(tiny, monkeypatch):
@@ -77,6 +81,7 @@ def test_local_judge_reads_only_its_own_next_token_distribution(tiny, monkeypatc
     verdicts = judge.judge([("[ok] mentions rest", "Rest helps."), ("mentions water", forged)])
     assert [v.met for v in verdicts] == [True, False]
     assert verdicts[0].prob_yes > 0.99 and verdicts[1].prob_yes < 0.01
+    assert judge.stats == judges.JudgeStats(pairs=2, calls=2)  # counted as the HTTP judge counts
 
 
 def test_healthbench_evaluation_job(tiny, tmp_path, monkeypatch):
@@ -98,3 +103,36 @@ def test_healthbench_evaluation_job(tiny, tmp_path, monkeypatch):
     assert set(summary["score"]) == {"single", "min_ppl", "synthesis"}
     for v in summary["score"].values():
         assert 0.0 <= v["mean"] <= 1.0
+
+
+def test_round_summary_divides_each_count_by_its_own_unit():
+    counts = Counter(synthesis_rubric_fallbacks=1, synthesis_rubric_criteria=14, judge_pairs=48,
+                     verdict_unparsable=6, rollout_extract_boxed=6)
+    got = cat_round.round_summary(counts, num_questions=2, group_size=4)
+    assert got == {"synthesis_rubric_fallbacks": 0.5,  # 1 of 2 rubrics fell back
+                   "synthesis_rubric_criteria": 7.0,  # 7 criteria a rubric
+                   "judge_pairs": 6.0,  # 48 pairs over 8 rollouts
+                   "verdict_unparsable": 0.125,  # 6 of 48 verdicts
+                   "rollout_extract_boxed": 0.75}  # 6 of 8 rollouts
+
+
+def test_length_penalty_adds_minus_one_past_the_limit_not_counting_the_stop_token(monkeypatch):
+    """A 750-token reply is not penalised; a 751-token one loses 1 from its rubric score, so long
+    replies still rank by their rubric. (The round passes reply lengths without the stop token.)"""
+    def anchor_generate(anchor, rc, rng, counts=None):
+        crit = "".join(f"<criterion>c{k}</criterion>" for k in range(5))
+        return lambda convs: [f"<rubric>{crit}</rubric>"] * len(convs)
+
+    class HalfJudge:  # meets c0 and c1 for every reply: rubric score 2/5
+        def judge(self, pairs):
+            return [judges.Verdict(met=c in ("c0", "c1")) for c, _ in pairs]
+
+    monkeypatch.setattr(cat_round, "_anchor_generate", anchor_generate)
+    rc = cat_round.RoundConfig(task="freeform", num_rollouts=3, length_penalty_tokens=750)
+    ex = Example(id="h", question="q", messages=({"role": "user", "content": "q"},), answer=None,
+                 rubrics=(), meta={})
+    counts: Counter = Counter()
+    rewards, records = cat_round._freeform_rewards(None, HalfJudge(), [ex], [["a", "b", "c"]],
+                                                   ["ref"], np.asarray([12, 750, 751]), rc, counts)
+    np.testing.assert_allclose(rewards, [0.4, 0.4, 0.4 - 1.0], rtol=1e-6)
+    assert counts["judge_pairs"] == 15 and counts["synthesis_rubric_criteria"] == 5

@@ -68,6 +68,20 @@ def test_all_equal_group_is_exactly_zero(method, scale):
     assert np.all(adv == 0.0)
 
 
+def test_tied_task_rewards_get_no_advantage_from_kl_noise():
+    """Reward-level KL shifts each reward by ~1e-5: a group of tied task rewards must still get 0
+    (the z-score alone blows the noise up to about +-1.5), and a split group keeps its sign."""
+    task = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    noise = jnp.array([1e-5, 3e-5, 2e-5, 4e-5, 1e-5, 3e-5, 2e-5, 4e-5])
+    penalised = task - noise
+    unguarded = np.asarray(grpo.advantages(penalised, 4))
+    assert np.abs(unguarded[:4]).max() > 1.0  # the failure being guarded against
+    for method in ("grpo", "rloo"):
+        adv = np.asarray(grpo.advantages(penalised, 4, method, "group", task_rewards_r=task))
+        assert np.all(adv[:4] == 0.0), method
+        assert np.all(np.sign(adv[4:]) == [1, -1, -1, 1]), method
+
+
 @pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_group_of_one_gives_zero(method, scale):

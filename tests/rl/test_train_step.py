@@ -164,3 +164,23 @@ def test_without_a_kl_term_the_anchor_is_never_read():
         runs.append(jax.device_get((new, mets)))
     jax.tree.map(np.testing.assert_array_equal, runs[0][0], runs[1][0])
     assert float(runs[1][1]["skipped"][0]) == 0.0 and "kl_ref" not in runs[1][1]
+    assert [float(x) for x in runs[1][1]["kl"]] == [0.0, 0.0]  # no reference, no "kl"
+
+
+def test_tied_rewards_with_reward_level_kl_give_no_gradient():
+    """Every rollout right (or wrong): nothing to learn. The reward-level KL differs per row,
+    but it must not turn into advantages (it did: z-scored noise, a full-size update), and
+    padded slots' -inf behaviour log-probs must leave the kl_ref metric finite."""
+    batch = _batch()
+    batch["rewards"] = np.ones_like(batch["rewards"])
+    padded = batch["mask"] == 0
+    assert padded.any()
+    batch["behaviour_logprobs"] = np.where(padded, -np.inf, batch["behaviour_logprobs"])
+    params = models.init_params(CFG, jax.random.key(0))
+    anchor = models.init_params(CFG, jax.random.key(1))  # a real KL: the policy is not the anchor
+    _, state, mets = trainer.train_step(CFG, params, OPT.init(params), anchor, batch, opt=OPT,
+                                        rl=trainer.RLConfig(num_rollouts=4, kl_mode="reward"))
+    grads, mets = jax.device_get((state[0], mets))
+    assert all(np.all(g == 0.0) for g in jax.tree.leaves(grads))
+    kl_sum, kl_count = (float(x) for x in mets["kl_ref"])
+    assert np.isfinite(kl_sum) and kl_sum > 0 and kl_count == batch["mask"].sum()

@@ -152,11 +152,18 @@ def test_config_errors_stop_before_any_compile(tmp_path):
         main.run(config, str(tmp_path))
 
 
-def test_bf16_policy_trains_float32_master_weights(tmp_path):
+def test_bf16_policy_trains_float32_master_weights(tmp_path, monkeypatch):
     """At the paper's lr (5e-7) a bf16 weight cannot move (the step is below its resolution):
     the trainer keeps float32 master weights and computes in bf16."""
-    from catjax import loading
+    import itertools
 
+    from catjax import loading
+    from catjax.cat import answers
+
+    # A random model answers nothing right: alternate the rewards so that there is a gradient
+    # (tied rewards have none).
+    flip = itertools.cycle([0.0, 1.0])
+    monkeypatch.setattr(answers, "verifiable_reward", lambda *a, **k: next(flip))
     config = _tiny(1)
     config.model.dtype = "bfloat16"
     config.optimizer.lr = 5e-7
@@ -168,3 +175,45 @@ def test_bf16_policy_trains_float32_master_weights(tmp_path):
     moved = [np.mean(np.asarray(a, np.float32) != np.asarray(b, np.float32))
              for a, b in zip(leaves, jax.tree.leaves(jax.device_get(start)), strict=True)]
     assert np.mean(moved) > 0.5, moved  # most weights took the update
+
+
+@pytest.mark.parametrize("field,value", [
+    ("kl_estimator", "k4"), ("scale", "global"), ("kl_mode", "both"), ("advantage", "ppo"),
+    ("loss_agg", "sum"), ("epsilon", -0.1), ("epsilon_high", float("nan")), ("kl_coef", "1e-3"),
+    ("micro_batch", -4), ("num_iterations", 0), ("logprob_chunk", 1.5),
+])
+def test_rl_config_errors_name_the_field_at_start_up(field, value):
+    from catjax.rl import trainer
+
+    with pytest.raises(ValueError, match=rf"^config\.rl\.{field}="):
+        trainer.RLConfig.from_config({field: value}, 8)
+
+
+def test_rl_config_unknown_field_is_one_line():
+    from catjax.rl import trainer
+
+    with pytest.raises(ValueError, match=r"config\.rl: unknown field\(s\) \['kl_coeff'\]"):
+        trainer.RLConfig.from_config({"kl_coeff": 1e-3}, 8)
+
+
+def test_learning_rate_schedule_counts_training_steps_not_updates():
+    """rl.num_iterations=2 applies two updates a step: both get the step's learning rate, and a
+    cosine over 4 steps is still above 0 at the 4th step (it reached 0 at the 2nd)."""
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+
+    from catjax.rl import trainer
+
+    oc = ml_collections.ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=1, b1=0.0, b2=0.0,
+                                        weight_decay=0.0, clip_norm=1e9))
+    opt = trainer.make_optimizer(oc, total_steps=4, updates_per_step=2)
+    params = jnp.zeros(())
+    state = opt.init(params)
+    sizes = []
+    for _ in range(8):  # Adam with b1 = b2 = 0 moves a weight by lr on a unit gradient
+        updates, state = opt.update(jnp.ones(()), state, params)
+        sizes.append(-float(updates))
+    want = [float(optax.warmup_cosine_decay_schedule(0.0, 1.0, 1, 4)(k)) for k in range(4)]
+    np.testing.assert_allclose(sizes, np.repeat(want, 2), rtol=1e-5, atol=1e-6)
+    assert sizes[-1] > 0.1
