@@ -35,13 +35,13 @@ TIMEOUT_S = 240
 FLAGS = ["--config=configs/cat_rl.py:model=tiny,runlocal", "--config.batch_size=4",
          "--config.data.limit=4", "--config.round.num_rollouts=2",
          "--config.round.max_new_tokens=8", "--config.round.synthesis_max_new_tokens=8",
-         "--config.rl.kl_coef=0.1", "--config.checkpoint.every=1"]
+         "--config.rl.kl_mode=loss", "--config.rl.kl_coef=0.1", "--config.checkpoint.every=1"]
 
 
 def _init_checkpoint(workdir: Path) -> dict:
-    """Step 0 with the policy a perturbed copy of the anchor. A random model earns no reward, so
-    gradients would be round-off that Adam scales up; the KL to the anchor, subtracted from the
-    reward, gives every rollout a different reward and the update a real direction."""
+    """Step 0 with the policy a perturbed copy of the anchor. A random model earns no reward, and
+    tied rewards give no advantage: the loss-level KL to the anchor (FLAGS) gives the update a
+    real direction."""
     from catjax import models
     from catjax.rl import trainer
     from configs import cat_rl
@@ -75,11 +75,12 @@ def _start(workdir: Path, num_processes: int, steps: int,
     2 devices in all: 1 process with 2 CPU devices, or N processes with 1 each."""
     devices = 2 if num_processes == 1 else 1
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               # Compiling dominates (tiny model): fewer LLVM passes, and the later runs of the
-               # test reuse the earlier ones' programs.
+               # Compiling dominates (tiny model): fewer LLVM passes. Each run its own program
+               # cache: the two topologies compile the same 2-device programs under one cache key,
+               # and a run that loaded the other topology's program hung in its first collective.
                XLA_FLAGS=f"--xla_backend_optimization_level=0 "
                          f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / f"jax_cache_{workdir.name}"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     port = _free_port()
