@@ -210,7 +210,7 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
         policy = loading.load_model(config.model, seed=config.seed)
     rc = loading.round_config(config.round)
     if rc.task == "freeform" and judge is None:
-        judge = loading.make_judge(config.judge, policy)
+        judge = loading.make_judge(config.judge, policy, config.seed)
     examples = data.load(config.data.name, split=config.data.split, path=config.data.get("path"),
                          limit=config.data.limit)
     g_values = [g for g in config.eval.g_values if g <= rc.num_rollouts]

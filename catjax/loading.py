@@ -99,13 +99,14 @@ def round_config(rc: Any) -> cat_round.RoundConfig:
     return cat_round.RoundConfig(**d)
 
 
-def make_judge(jc: Any, policy: cat_round.Model):
-    """`jc.kind`: 'local' (a catjax model; `jc.init` or the policy itself) or 'http'."""
+def make_judge(jc: Any, policy: cat_round.Model, seed: int = 0):
+    """`jc.kind`: 'local' (a catjax model; `jc.init` or the policy itself; `seed` as in
+    `load_model`) or 'http'."""
     from catjax.cat import judges
     from catjax.cat.local_judge import LocalJudge
 
     if jc.kind == "local":
-        m = load_model(jc) if jc.get("init") else policy
+        m = load_model(jc, seed) if jc.get("init") else policy
         return LocalJudge(m.cfg, m.params, m.tokenizer)
     if jc.kind == "http":
         return judges.HTTPJudge(base_url=jc.base_url, model=jc.model,

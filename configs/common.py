@@ -55,8 +55,8 @@ def train_sections(c: ml_collections.ConfigDict, lr: float) -> None:
     """The CaT-RL trainer's policy-optimisation, optimizer, mesh and checkpoint sections (the
     paper's GRPO settings: clip 0.2, reward-level k3 KL 1e-3, AdamW constant lr)."""
     c.rl = ml_collections.ConfigDict(dict(
-        epsilon=0.2, epsilon_high=None, kl_coef=1e-3, kl_mode="reward", kl_estimator="k3",
-        advantage="grpo", scale="group", loss_agg="seq_mean_token_mean", num_iterations=1,
+        epsilon=0.2, epsilon_high=None, kl_coef=1e-3, kl_mode="reward", tied_groups="kl",
+        kl_estimator="k3", advantage="grpo", scale="group", loss_agg="seq_mean_token_mean", num_iterations=1,
         micro_batch=0, logprob_chunk=128))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=lr, schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.0,

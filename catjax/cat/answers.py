@@ -342,7 +342,7 @@ def normalize(ans: str | None) -> str:
     Rules (in order; each is commented where its regex is defined): control characters,
     `$`/delimiters/thin spaces, `\\left`/`\\right`, macro aliases (`\\dfrac` -> `\\frac`, ...),
     degree signs, percent signs, units after a number, `\\text{}`-style wrappers, `(C)` ->
-    `C`, leading `x =` / `x \\in`, whitespace, `\\frac12`/`\\sqrt2` braces, thousands
+    `C`, leading `x =` / `x \\in`, whitespace, `\\frac12`/`\\sqrt2` braces,
     a trailing period, thousands separators, and decimal spelling (`.5`, `2.50`, `5.0`).
     Linear-time regexes only. None, "" and answers over `MAX_ANSWER_CHARS` -> "".
     """
@@ -675,7 +675,8 @@ def equivalent(a: str | None, b: str | None, *, timeout_s: float = 2.0) -> bool:
     """Whether answer ``a`` equals reference answer ``b`` mathematically.
 
     Three stages, cheapest first: normalised string equality; exact numeric comparison when
-    both are plain numbers (integers must match exactly, otherwise relative tolerance 1e-6);
+    both are plain numbers (`_numbers_match`: within a relative 1e-6, and two finite decimals
+    also to the coarser one's last digit, so distinct integers never match);
     math-verify in the sandboxed worker, limited to ``timeout_s`` of wall time (on overrun the
     worker is killed and replaced and the answer is False). The symbolic stage is skipped (->
     False) for answers over `SYMBOLIC_MAX_LEN` characters, base-n numerals, and anything

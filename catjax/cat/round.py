@@ -119,6 +119,11 @@ def prompt_budget(cfg: ModelConfig, max_new_tokens: int) -> int:
     return lo
 
 
+def _no_room(what: str, field: str, max_new: int, cfg: ModelConfig) -> ValueError:
+    return ValueError(f"{field}={max_new} leaves no room for a {what} prompt in the model's "
+                      f"context of {cfg.max_position} tokens; lower it")
+
+
 def _too_long(what: str, n: int, budget: int, cfg: ModelConfig, max_new: int) -> ValueError:
     return ValueError(f"round.prompt_overflow='reject': a {what} prompt of {n} tokens does not fit "
                       f"the model's context of {cfg.max_position} with {max_new} new tokens "
@@ -132,9 +137,8 @@ def fit_prompt(ids: list[int], budget: int, tokenizer: Any, rc: RoundConfig, wha
     if len(ids) <= budget:
         return ids, False
     if budget < 1:
-        field = "max_new_tokens" if what == "policy" else "synthesis_max_new_tokens"
-        raise ValueError(f"round.{field}={max_new} leaves no room for a {what} prompt in the "
-                         f"model's context of {cfg.max_position} tokens; lower it")
+        field = "round.max_new_tokens" if what == "policy" else "round.synthesis_max_new_tokens"
+        raise _no_room(what, field, max_new, cfg)
     if rc.prompt_overflow == "reject":
         raise _too_long(what, len(ids), budget, cfg, max_new)
     mark = tokenizer.encode(" [...] ") if rc.prompt_style != "toy" else []
@@ -165,16 +169,19 @@ def synthesis_prompt(tokenizer: Any, group: Sequence[str], kind: str, rc: RoundC
     first, marking each cut with "[...]"; the prompt's own structure is never cut."""
     return group_prompt(tokenizer, group,
                         lambda texts: prompts.synthesis(list(texts), kind, rc.prompt_style),
-                        rc, budget, cfg, "synthesis", rc.synthesis_max_new_tokens)
+                        rc, budget, cfg, "synthesis", rc.synthesis_max_new_tokens,
+                        "round.synthesis_max_new_tokens")
 
 
 def group_prompt(tokenizer: Any, group: Sequence[str],
                  messages: Callable[[Sequence[str]], prompts.Messages], rc: RoundConfig,
-                 budget: int, cfg: ModelConfig, what: str,
-                 max_new: int) -> tuple[list[int], bool]:
+                 budget: int, cfg: ModelConfig, what: str, max_new: int,
+                 max_new_field: str) -> tuple[list[int], bool]:
     """Token ids of `messages(group)` (a prompt over G rollouts), cut to `budget` as
-    `synthesis_prompt` describes; `what` and `max_new` name the prompt and its new-token
-    budget in errors."""
+    `synthesis_prompt` describes; `what` names the prompt in errors, `max_new_field` the setting
+    that holds its `max_new` new tokens."""
+    if budget < 1:
+        raise _no_room(what, max_new_field, max_new, cfg)
     chat_kwargs = dict(rc.chat_kwargs)
 
     def render(texts: Sequence[str]) -> list[int]:
@@ -189,7 +196,7 @@ def group_prompt(tokenizer: Any, group: Sequence[str],
     if overhead >= budget:
         raise ValueError(f"round: the {what} prompt of {len(group)} empty rollouts is already "
                          f"{overhead} tokens, over the {budget} the model's context of "
-                         f"{cfg.max_position} leaves beside {max_new} new tokens")
+                         f"{cfg.max_position} leaves beside {max_new_field}={max_new}")
     mark = "[...] " if rc.prompt_style != "toy" else ""
     n_mark = len(tokenizer.encode(mark)) if mark else 0
     toks = [tokenizer.encode(t) for t in group]
@@ -208,11 +215,12 @@ def group_prompt(tokenizer: Any, group: Sequence[str],
     return ids, True
 
 
-def _warn_truncated(n: int, what: str, cfg: ModelConfig) -> None:
+def warn_truncated(n: int, what: str, cfg: ModelConfig, counted: bool = True) -> None:
+    """One warning line for `n` prompts cut to fit (`counted`: also in the round's metrics)."""
     if n:
         _log.warning("round: cut %d %s prompt(s) to fit the model's context of %d tokens "
-                     "(round.prompt_overflow='truncate'; counted as prompt_truncated)", n, what,
-                     cfg.max_position)
+                     "(round.prompt_overflow='truncate'%s)", n, what, cfg.max_position,
+                     "; counted as prompt_truncated" if counted else "")
 
 
 def synthesize(anchor: Model, rollout_texts: Sequence[Sequence[str]], task: str, rng: jax.Array,
@@ -224,7 +232,7 @@ def synthesize(anchor: Model, rollout_texts: Sequence[Sequence[str]], task: str,
     budget = prompt_budget(anchor.cfg, rc.synthesis_max_new_tokens)
     fitted = [synthesis_prompt(tok, group, kind, rc, budget, anchor.cfg) for group in rollout_texts]
     cut = sum(c for _, c in fitted)
-    _warn_truncated(cut, "synthesis", anchor.cfg)
+    warn_truncated(cut, "synthesis", anchor.cfg)
     if counts is not None:
         counts["prompt_truncated"] += cut
     out = sampling.sample(
@@ -248,7 +256,7 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
               for ids in prompt_ids]
     prompt_ids = [ids for ids, _ in fitted]
     overflow: Counter = Counter(prompt_truncated=sum(c for _, c in fitted))
-    _warn_truncated(overflow["prompt_truncated"], "policy", policy.cfg)
+    warn_truncated(overflow["prompt_truncated"], "policy", policy.cfg)
     out = sampling.sample(policy.cfg, policy.params, prompt_ids, num_samples=g,
                           max_new_tokens=rc.max_new_tokens, rng=k_roll,
                           temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
@@ -309,7 +317,7 @@ def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array, counts: Cou
                              budget, tok, rc, "rubric", anchor.cfg, max_new) for c in convs]
         if counts is not None:
             counts["prompt_truncated"] += sum(cut for _, cut in fitted)
-        _warn_truncated(sum(cut for _, cut in fitted), "rubric", anchor.cfg)
+        warn_truncated(sum(cut for _, cut in fitted), "rubric", anchor.cfg)
         out = sampling.sample(anchor.cfg, anchor.params, [ids for ids, _ in fitted],
                               max_new_tokens=max_new, rng=rng, temperature=0.0,
                               stop_ids=tok.eos_ids, pad_id=tok.pad_id)

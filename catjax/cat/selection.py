@@ -60,10 +60,11 @@ def self_select(cfg: ModelConfig, params: Params, tokenizer: Any,
     from catjax.cat import round as cat_round
 
     budget = cat_round.prompt_budget(cfg, max_new_tokens)
-    ids = [cat_round.group_prompt(tokenizer, r, lambda texts: prompts.self_select(list(texts)),
-                                  rc, budget, cfg, "self-selection", max_new_tokens)[0]
-           for r in rollouts]
-    out = sampling.sample(cfg, params, ids, max_new_tokens=max_new_tokens, rng=rng,
+    fitted = [cat_round.group_prompt(tokenizer, r, lambda texts: prompts.self_select(list(texts)),
+                                     rc, budget, cfg, "self-selection", max_new_tokens,
+                                     "self_select(max_new_tokens)") for r in rollouts]
+    cat_round.warn_truncated(sum(cut for _, cut in fitted), "self-selection", cfg, counted=False)
+    out = sampling.sample(cfg, params, [ids for ids, _ in fitted], max_new_tokens=max_new_tokens, rng=rng,
                           temperature=0.0, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     texts = [tokenizer.decode(c) for c in sampling.completions(out)]
     picks, fallbacks = [], 0

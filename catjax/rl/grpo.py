@@ -157,11 +157,12 @@ def advantages(rewards_r, group_size: int, method: str = "grpo", scale: str = "g
                eps: float = 1e-6, task_rewards_r=None) -> jax.Array:
     """Per-rollout advantages [r] from scalar rewards [r] (rows grouped G at a time).
 
-    See the table above for how `method` and `scale` combine. `task_rewards_r` are the rewards
-    before a reward-level KL penalty (`kl_penalized_rewards`): a group whose task rewards are all
-    equal gets advantage exactly 0, because its penalised rewards differ only by KL noise
-    (~1e-5) that the group z-score would blow up to advantages of about +-1.5. All arguments
-    but the rewards are static.
+    See the table above for how `method` and `scale` combine. `task_rewards_r`, the rewards
+    before a reward-level KL penalty (`kl_penalized_rewards`), if given: a group whose task
+    rewards are all equal gets advantage exactly 0. Without them (verl's way) such a group's
+    penalised rewards differ only by their KL (~1e-5), which the group z-score turns into
+    advantages of about +-1.5: a strong pull toward the reference, and mere round-off while the
+    policy still is the reference. All arguments but the rewards are static.
     """
     adv_r = _get(ADVANTAGES, method, "advantage method")(rewards_r, group_size, scale=scale, eps=eps)
     if task_rewards_r is None:

@@ -39,6 +39,11 @@ class RLConfig:
     epsilon_high: float | None = None
     kl_coef: float = 1e-3
     kl_mode: str = "reward"  # "reward" (the paper's table) | "loss" | "none"
+    # With kl_mode="reward", a group whose task rewards tie: "kl" (verl's, the paper's) z-scores
+    # its KL-penalised rewards like any group's, ranking its rollouts by their KL to the anchor
+    # (a pull back to it; while the policy is still the anchor, only round-off); "zero" gives it
+    # no advantage (the KL then only shifts split groups, by ~1e-5 of their spread).
+    tied_groups: str = "kl"
     kl_estimator: str = "k3"
     advantage: str = "grpo"
     scale: str = "group"
@@ -50,7 +55,8 @@ class RLConfig:
     def __post_init__(self):
         # Every field is checked here, at start-up: a typo must not wait for the first compile,
         # minutes into a run (after the model has loaded and the first round has sampled).
-        choices = {"kl_mode": ("reward", "loss", "none"), "advantage": sorted(grpo.ADVANTAGES),
+        choices = {"kl_mode": ("reward", "loss", "none"), "tied_groups": ("kl", "zero"),
+                   "advantage": sorted(grpo.ADVANTAGES),
                    "kl_estimator": sorted(grpo.KL_ESTIMATORS), "scale": list(grpo.SCALES),
                    "loss_agg": sorted(grpo.LOSS_AGGREGATIONS)}
         for name, allowed in choices.items():
@@ -84,7 +90,8 @@ def make_optimizer(oc: Any, total_steps: int,
 
     A step may apply several optimizer updates (`rl.num_iterations` PPO epochs): they share the
     step's learning rate, so a cosine ends at the last step, not at `total_steps /
-    updates_per_step`.
+    updates_per_step`. (A skipped, non-finite update does not advance optax's count: the
+    schedule then runs that many updates behind.)
     """
     lr = _schedule(oc, total_steps)
     if updates_per_step != 1:
@@ -195,9 +202,8 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     if rl.kl_mode == "reward":
         rewards = grpo.kl_penalized_rewards(rewards, old_lp, ref_lp, mask, rl.kl_coef,
                                             rl.kl_estimator)
-    # Groups whose task rewards tie get no advantage, whatever their KL noise (see advantages).
     adv = grpo.advantages(rewards, rl.num_rollouts, rl.advantage, rl.scale,
-                          task_rewards_r=task_rewards)
+                          task_rewards_r=task_rewards if rl.tied_groups == "zero" else None)
     chunks = split(dict(batch, adv=adv, ref_lp=ref_lp, old_lp=old_lp))
     loss_kw = dict(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg,
                    kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
@@ -286,8 +292,9 @@ def _round_metrics(res: cat_round.RoundResult, g: int) -> dict[str, float]:
 def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) -> dict[str, float]:
     """Round metrics of the global batch from each process's (a collective; identity alone).
 
-    Every process holds as many questions, so the mean over processes of a per-process mean is
-    the global mean (a count absent on a process is 0 there); the reward statistics are
+    Every process holds as many questions, so the mean over processes of a per-question or
+    per-rollout mean is the global mean (a count absent on a process is 0 there); the verdict
+    rate, per judged pair, is weighted by each process's pairs; the reward statistics are
     recomputed from all rewards, in global row order.
     """
     if jax.process_count() == 1:
@@ -295,6 +302,11 @@ def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) 
     everyone = parallel.allgather_json({"m": local, "r": np.asarray(rewards, np.float32).tolist()})
     out = {k: float(np.mean([e["m"].get(k, 0.0) for e in everyone]))
            for k in sorted(set().union(*(e["m"] for e in everyone)))}
+    rate, pairs = "round/verdict_unparsable", "round/judge_pairs"
+    if rate in out:
+        weights = [e["m"].get(pairs, 0.0) for e in everyone]
+        out[rate] = float(sum(e["m"].get(rate, 0.0) * w for e, w in zip(everyone, weights, strict=True))
+                          / max(sum(weights), 1e-30))
     r = np.asarray([x for e in everyone for x in e["r"]], np.float32).reshape(-1, g)
     out.update(reward_mean=float(r.mean()), reward_std=float(r.std()),
                frac_reward_zero_std=float(np.mean(r.std(-1) == 0)))
@@ -397,7 +409,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     # After the restore: a local judge built on the anchor reads the restored arrays (built
     # before, it would hold the pre-restore copy, a second anchor in device memory).
     if rc.task == "freeform" and judge is None:
-        judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok))
+        judge = loading.make_judge(config.judge, cat_round.Model(cfg, anchor, tok), config.seed)
     is_preempted = checkpoint.install_preemption_handler()
     rng = jax.random.key(config.seed)
     # The global batch of a step is fixed by (seed, step); this process reads only its part.

@@ -324,7 +324,7 @@ NON_EQUIVALENT_PAIRS = [
     ("0.51", "\\frac12"),
     ("1000001", "1000000"),  # distinct integers never match within tolerance
     ("123456.7", "123456.8"),  # nor distinct decimals that differ in a written digit
-    ("3.54", "3.5"),
+    ("1234567.89", "1234567.8"),  # within 1e-6, but not to the coarser one's last digit
     ("0.33", "\\frac13"),
     ("(3,4)", "(3,4]"),
     ("(-2,7)", "[-2,7]"),

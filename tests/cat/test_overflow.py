@@ -108,3 +108,10 @@ def test_self_selection_prompt_is_fitted_like_the_synthesis_prompt(tiny):
     with pytest.raises(ValueError, match="a self-selection prompt of"):
         selection.self_select(tiny.cfg, tiny.params, tiny.tokenizer, [long_group],
                               jax.random.key(0), _rc(prompt_overflow="reject"), 4)
+
+
+def test_synthesis_new_tokens_that_fill_the_context_are_named(tiny):
+    rc = _rc(synthesis_max_new_tokens=CONTEXT, prompt_overflow="reject")
+    budget = cat_round.prompt_budget(tiny.cfg, rc.synthesis_max_new_tokens)
+    with pytest.raises(ValueError, match=rf"^round\.synthesis_max_new_tokens={CONTEXT} leaves no room"):
+        cat_round.synthesis_prompt(tiny.tokenizer, ["a", "b"], "math", rc, budget, tiny.cfg)

@@ -167,10 +167,11 @@ def test_without_a_kl_term_the_anchor_is_never_read():
     assert [float(x) for x in runs[1][1]["kl"]] == [0.0, 0.0]  # no reference, no "kl"
 
 
-def test_tied_rewards_with_reward_level_kl_give_no_gradient():
-    """Every rollout right (or wrong): nothing to learn. The reward-level KL differs per row,
-    but it must not turn into advantages (it did: z-scored noise, a full-size update), and
-    padded slots' -inf behaviour log-probs must leave the kl_ref metric finite."""
+@pytest.mark.parametrize("tied_groups", ["zero", "kl"])
+def test_tied_rewards_with_reward_level_kl(tied_groups):
+    """Every rollout right: the reward-level KL differs per row. tied_groups="zero": no advantage,
+    no gradient; "kl" (verl's): the z-scored KL ranks the rollouts, a full-size update. Either
+    way padded slots' -inf behaviour log-probs leave the kl_ref metric finite."""
     batch = _batch()
     batch["rewards"] = np.ones_like(batch["rewards"])
     padded = batch["mask"] == 0
@@ -179,8 +180,10 @@ def test_tied_rewards_with_reward_level_kl_give_no_gradient():
     params = models.init_params(CFG, jax.random.key(0))
     anchor = models.init_params(CFG, jax.random.key(1))  # a real KL: the policy is not the anchor
     _, state, mets = trainer.train_step(CFG, params, OPT.init(params), anchor, batch, opt=OPT,
-                                        rl=trainer.RLConfig(num_rollouts=4, kl_mode="reward"))
+                                        rl=trainer.RLConfig(num_rollouts=4, kl_mode="reward",
+                                                            tied_groups=tied_groups))
     grads, mets = jax.device_get((state[0], mets))
-    assert all(np.all(g == 0.0) for g in jax.tree.leaves(grads))
+    zero = [bool(np.all(g == 0.0)) for g in jax.tree.leaves(grads)]
+    assert all(zero) if tied_groups == "zero" else not any(zero)
     kl_sum, kl_count = (float(x) for x in mets["kl_ref"])
     assert np.isfinite(kl_sum) and kl_sum > 0 and kl_count == batch["mask"].sum()

@@ -63,7 +63,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     main.run(tiny(1), str(tmp_path / "b"))
     resumed = main.run(tiny(3), str(tmp_path / "b"))["params"]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
-    start = loading.load_model(tiny(1).model).params
+    start = loading.load_model(tiny(1).model, seed=tiny(1).seed).params
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(jax.device_get(straight)),
                                jax.tree.leaves(jax.device_get(start)), strict=True)) > 1e-5
@@ -228,3 +228,22 @@ def test_learning_rate_schedule_counts_training_steps_not_updates():
     want = [float(optax.warmup_cosine_decay_schedule(0.0, 1.0, 1, 4)(k)) for k in range(4)]
     np.testing.assert_allclose(sizes, np.repeat(want, 2), rtol=1e-5, atol=1e-6)
     assert sizes[-1] > 0.1
+
+
+def test_round_metrics_merge_over_processes_by_their_own_units(monkeypatch):
+    """Two processes, as many questions each: rollout rates average; the verdict rate (per
+    judged pair) is weighted by each process's pairs; rewards are pooled."""
+    from catjax import parallel
+    from catjax.rl import trainer
+
+    mine = {"round/rollout_extract_boxed": 0.5, "round/judge_pairs": 5.0,
+            "round/verdict_unparsable": 0.2}
+    theirs = {"round/rollout_extract_boxed": 1.0, "round/judge_pairs": 15.0,
+              "round/verdict_unparsable": 0.0}
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(parallel, "allgather_json", lambda obj: [
+        obj, {"m": theirs, "r": [1.0, 1.0]}])
+    got = trainer._merge_over_processes(mine, np.asarray([0.0, 1.0]), 2)
+    assert got["round/rollout_extract_boxed"] == 0.75
+    assert got["round/verdict_unparsable"] == pytest.approx(0.05)  # 1 of 5 + 0 of 15 pairs
+    assert got["reward_mean"] == 0.75 and got["frac_reward_zero_std"] == 0.5
