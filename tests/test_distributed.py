@@ -39,9 +39,9 @@ FLAGS = ["--config=configs/cat_rl.py:model=tiny,runlocal", "--config.batch_size=
 
 
 def _init_checkpoint(workdir: Path) -> dict:
-    """Step 0 with the policy a perturbed copy of the anchor. A random model earns no reward, and
-    tied rewards give no advantage: the loss-level KL to the anchor (FLAGS) gives the update a
-    real direction."""
+    """Step 0 with the policy a perturbed copy of the anchor. A random model earns no reward, so
+    its tied rewards give at most z-scored round-off: the loss-level KL to the anchor (FLAGS)
+    gives the update a real direction."""
     from catjax import models
     from catjax.rl import trainer
     from configs import cat_rl
@@ -75,9 +75,9 @@ def _start(workdir: Path, num_processes: int, steps: int,
     2 devices in all: 1 process with 2 CPU devices, or N processes with 1 each."""
     devices = 2 if num_processes == 1 else 1
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               # Compiling dominates (tiny model): fewer LLVM passes. Each run its own program
-               # cache: the two topologies compile the same 2-device programs under one cache key,
-               # and a run that loaded the other topology's program hung in its first collective.
+               # Compiling dominates (tiny model): fewer LLVM passes. A program cache per run: a
+               # resumed two-process run that loaded an earlier run's programs from a shared cache
+               # hung in its first collective (XLA:CPU, gloo; one-process runs were fine).
                XLA_FLAGS=f"--xla_backend_optimization_level=0 "
                          f"--xla_force_host_platform_device_count={devices}",
                JAX_COMPILATION_CACHE_DIR=str(workdir.parent / f"jax_cache_{workdir.name}"),

@@ -36,8 +36,9 @@ from tests.tiny_model import compile_cache, override
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 # The same settings as CLI overrides and as in-process config edits.
-# Loss-level KL: a random model earns tied (zero) rewards, which move nothing; the KL term's
-# gradient does move the weights, so the bit-identity checks below compare weights that changed.
+# Loss-level KL: a random model's rewards all tie (0), which moves nothing under
+# rl.tied_groups="zero"; the KL term's gradient moves the weights under either setting, so the
+# bit-identity checks below compare weights that changed.
 OVERRIDES = {"steps": STEPS, "batch_size": 1, "export": False, "round.num_rollouts": 2,
              "round.max_new_tokens": 4, "round.synthesis_max_new_tokens": 4, "checkpoint.keep": 5,
              "rl.kl_mode": "loss"}

@@ -54,7 +54,7 @@ def test_runlocal_leaves_checkpoints_metrics_plot_and_export(tmp_path):
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     from catjax import loading
 
-    def tiny(steps):  # loss-level KL: tied rewards move nothing, the KL term does
+    def tiny(steps):  # loss-level KL: moves the weights whatever rl.tied_groups says
         config = _tiny(steps)
         config.rl.kl_mode = "loss"
         return config
