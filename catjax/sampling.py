@@ -491,18 +491,3 @@ def completions(out: SampleOutput, strip_stop: bool = True) -> list[list[int]]:
         end = int(n) - (1 if (strip_stop and st) else 0)
         rows.append(row[:end].tolist())
     return rows
-
-
-def sample_text(cfg: ModelConfig, params: Params, tokenizer: Any,
-                conversations: Sequence[Sequence[dict[str, str]]], *, num_samples: int = 1,
-                max_new_tokens: int, rng: jax.Array, chat_kwargs: dict | None = None,
-                **sampling_kwargs: Any) -> tuple[list[list[str]], SampleOutput]:
-    """Chat messages in, decoded strings out: texts[i][j] is sample j of conversation i."""
-    prompts = [tokenizer.chat(list(c), add_generation_prompt=True, **(chat_kwargs or {}))
-               for c in conversations]
-    sampling_kwargs.setdefault("stop_ids", tokenizer.eos_ids)
-    sampling_kwargs.setdefault("pad_id", tokenizer.pad_id)
-    out = sample(cfg, params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                 rng=rng, **sampling_kwargs)
-    flat = [tokenizer.decode(ids) for ids in completions(out)]
-    return [flat[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))], out
