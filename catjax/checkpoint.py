@@ -368,8 +368,18 @@ class Checkpointer:
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close, waiting for a save in flight, also when the block raised: a retry in the same
+        process would otherwise list the steps while the save of the last one is still being
+        written, resume from the one before and collide with it. A failure of that wait is
+        printed, not raised, so the block's own error is the one that propagates."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001
+            print(f"checkpoint: while stopping after {exc_type.__name__}: {_one_line(e)}")
 
 
 # --------------------------------------------------------------------------- preemption

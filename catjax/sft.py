@@ -13,6 +13,7 @@ what `catjax/data_files/toy_model/` holds.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -174,7 +175,8 @@ def run(config: Any, workdir: str) -> dict:
                      config.hard_synthesis_fraction)
     eval_q = toy_data.questions("test", config.eval_questions, task)
     last: dict = {}
-    with tqdm(total=config.steps, initial=start, desc="toy-sft", unit="step") as bar:
+    with ckpt or contextlib.nullcontext(), \
+            tqdm(total=config.steps, initial=start, desc="toy-sft", unit="step") as bar:
         stream = batch_stream(export, train_q, config.seed, spec, start, config.steps,
                               config.get("data_workers", 0))
         for step in range(start, config.steps):
@@ -191,8 +193,6 @@ def run(config: Any, workdir: str) -> dict:
                           meta={"step": step + 1}, force=step + 1 == config.steps)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             bar.update(1)
-    if ckpt is not None:
-        ckpt.close()
     writer.close()
     models.save_pretrained(cfg, params, export)
     metrics.plot_curves(writer.path, wd.file("curves.png"),

@@ -18,7 +18,9 @@ def _config(n: int):
     config = eval_gsm8k.get_config(f"model=smollm2,n={n},g=4")
     config.round.max_new_tokens = 40
     config.round.synthesis_max_new_tokens = 40
-    config.eval.g_values = (1, 4)  # one sub-G synthesis: each width is one more compile
+    # G itself only: a sub-G synthesis is one more sampler compile of the 30-layer model (~15 s);
+    # sub-G widths are covered on the tiny model (tests/test_storage.py).
+    config.eval.g_values = (4,)
     return config
 
 
@@ -30,7 +32,7 @@ def test_evaluation_job_writes_every_output_and_resumes(workdir, capsys):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert set(summary["accuracy"]) == {"single", "majority", "min_ppl", "self_select", "mutual",
                                         "synthesis"}
-    assert set(summary["accuracy_vs_g"]) == {"1", "4"}
+    assert set(summary["accuracy_vs_g"]) == {"4"}
     with open(os.path.join(workdir, "records.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 2

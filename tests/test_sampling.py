@@ -127,7 +127,8 @@ def test_same_seed_same_samples_and_stop_padding():
 def _empirical(logits, sp, n=20000):
     keys = jax.random.split(jax.random.key(0), n)
     batch = jnp.broadcast_to(logits, (n, logits.shape[0]))
-    toks, lps, model_lps = jax.jit(lambda k: sampling.draw(batch, k, sp))(keys[0])
+    # The batch is an argument: closed over, XLA constant-folds the draw over it (20 s a compile).
+    toks, lps, model_lps = jax.jit(lambda b, k: sampling.draw(b, k, sp))(batch, keys[0])
     # The plain model's log-prob of each drawn token, whatever the temperature and truncation.
     want = np.asarray(jax.nn.log_softmax(logits))[np.asarray(toks)]
     np.testing.assert_allclose(np.asarray(model_lps), want, atol=1e-5)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from catjax import main, metrics, models, sft
+from catjax.checkpoint import Checkpointer
 from configs import toy_sft
 
 
@@ -38,6 +39,10 @@ def test_loss_falls_and_a_resumed_run_equals_a_straight_one(tmp_path, monkeypatc
     monkeypatch.setattr(sft, "sft_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main.run(_config(6, eval_questions=0), str(tmp_path / "b"))
+    # The save of step 4, begun just before the crash, was waited for: the retry below resumes
+    # from it (it used to race it: resume from step 2, then collide with step 4's late save).
+    with Checkpointer(str(tmp_path / "b" / "checkpoints")) as reader:
+        assert reader.latest_step() == 4
     monkeypatch.setattr(sft, "sft_step", real_step)
     resumed = main.run(_config(6, eval_questions=0), str(tmp_path / "b"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["params"]),

@@ -422,8 +422,8 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         writer.write(0, heldout_metrics(cat_round.Model(cfg, as_compute(params), tok), heldout, rc,
                                         config.seed))
     last: dict = {}
-    with tqdm(total=config.steps, initial=start, desc="cat-rl", unit="step",
-              disable=jax.process_index() != 0) as bar:
+    with ckpt, tqdm(total=config.steps, initial=start, desc="cat-rl", unit="step",
+                    disable=jax.process_index() != 0) as bar:
         for step in range(start, config.steps):
             faults.set_step(step + 1)  # crash tests only (CATJAX_FAULT); a no-op otherwise
             t0 = time.perf_counter()
@@ -473,8 +473,6 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
                 ckpt.wait()
                 print(f"preempted: saved step {step + 1}, exiting")
                 break
-    ckpt.wait()
-    ckpt.close()
     writer.close()
     export = config.get("export", True)
     if export and parallel.is_global(params):

@@ -10,18 +10,19 @@ import torch
 import transformers
 
 from catjax import models
-from tests.assets import smollm2_gguf
+from tests.assets import hf_gguf_parsed_once, smollm2_gguf
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     path = smollm2_gguf()
     cfg, params = models.from_pretrained(path)
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                     gguf_file=os.path.basename(path))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-        attn_implementation="eager").eval()
+    with hf_gguf_parsed_once():
+        tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                         gguf_file=os.path.basename(path))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+            attn_implementation="eager").eval()
     return cfg, params, tok, ref
 
 
