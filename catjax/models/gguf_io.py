@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from catjax.gguf_file import GGUFFile, TensorInfo
 from catjax.models import hf
 from catjax.models.config import ModelConfig, RopeConfig, gemma3_pattern
 from catjax.models.decoder import Params
@@ -31,29 +32,27 @@ _LAYER_NAMES_BY_ARCH = {
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
-_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
-def _field(reader: Any, key: str, where: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+def _field(meta: dict[str, Any], key: str, where: str, default: Any = None) -> Any:
+    if key not in meta:
         if default is not None:
             return default
         raise ValueError(f"{where}: GGUF metadata {key!r} is missing")
-    return f.contents()
+    return meta[key]
 
 
-def config_from_gguf(reader: Any, where: str, dtype: str | None = None) -> ModelConfig:
-    arch = _field(reader, "general.architecture", where)
+def config_from_gguf(file: GGUFFile, dtype: str | None = None) -> ModelConfig:
+    meta, where = file.metadata, file.path
+    arch = _field(meta, "general.architecture", where)
     if arch not in _LAYER_NAMES_BY_ARCH:
         raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported "
                          f"({sorted(_LAYER_NAMES_BY_ARCH)})")
-    g = lambda k, d=None: _field(reader, f"{arch}.{k}", where, d)  # noqa: E731
+    g = lambda k, d=None: _field(meta, f"{arch}.{k}", where, d)  # noqa: E731
     d, n, layers = int(g("embedding_length")), int(g("attention.head_count")), int(g("block_count"))
-    names = {t.name for t in reader.tensors}
-    vocab = g("vocab_size", None) if f"{arch}.vocab_size" in reader.fields else None
+    vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(_field(reader, "tokenizer.ggml.tokens", where))
+        vocab = len(_field(meta, "tokenizer.ggml.tokens", where))
     head_dim = int(g("attention.key_length", d // n))
     kw: dict[str, Any] = dict(
         family="llama" if arch == "llama" else arch, vocab_size=int(vocab), hidden_size=d,
@@ -61,7 +60,7 @@ def config_from_gguf(reader: Any, where: str, dtype: str | None = None) -> Model
         head_dim=head_dim, mlp_dim=int(g("feed_forward_length")),
         norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         max_position=int(g("context_length", 8192)),
-        tie_embeddings="output.weight" not in names, dtype=dtype or "float32",
+        tie_embeddings="output.weight" not in file.tensors, dtype=dtype or "float32",
     )
     theta = float(g("rope.freq_base", 10_000.0))
     if arch == "gemma3":
@@ -80,13 +79,11 @@ def config_from_gguf(reader: Any, where: str, dtype: str | None = None) -> Model
 class _GGUFTensors:
     """HF-named, dequantised float32 tensors of a GGUF file, produced on demand."""
 
-    def __init__(self, reader: Any, cfg: ModelConfig, arch: str, where: str):
-        import gguf
-
-        self._gguf, self.cfg, self.arch, self.where = gguf, cfg, arch, where
+    def __init__(self, file: GGUFFile, cfg: ModelConfig, arch: str):
+        self.file, self.cfg, self.arch = file, cfg, arch
         layer_names = {**_LAYER_NAMES, **_LAYER_NAMES_BY_ARCH[arch]}
-        self.tensors: dict[str, Any] = {}
-        for t in reader.tensors:
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in file.tensors.values():
             stem, _, suffix = t.name.rpartition(".")
             if stem.startswith("blk."):
                 _, idx, short = stem.split(".", 2)
@@ -98,31 +95,15 @@ class _GGUFTensors:
             else:
                 continue
             self.tensors[name] = t
-            qtype = t.tensor_type.name
-            if qtype not in _FLOAT_TYPES and t.tensor_type not in gguf.quants._type_traits:
-                raise ValueError(f"{where}: tensor {t.name!r} uses quantisation {qtype}, "
-                                 "which the gguf package cannot dequantise")
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists dimensions innermost first; numpy (and HF) order is the reverse.
-        return tuple(int(x) for x in reversed(self.tensors[name].shape))
+        return self.tensors[name].shape
 
     def get(self, name: str) -> np.ndarray:
-        t = self.tensors[name]
-        qtype = t.tensor_type.name
-        if qtype in _FLOAT_TYPES:
-            w = np.asarray(t.data).reshape(self.shape(name))
-        else:
-            try:
-                w = self._gguf.quants.dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise ValueError(f"{self.where}: tensor {t.name!r} uses quantisation {qtype}, "
-                                 "which the gguf package cannot dequantise") from None
-            w = w.reshape(self.shape(name))
-        w = w.astype(np.float32)
+        w = self.file.array(self.tensors[name].name)
         if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.cfg.num_heads if "q_proj" in name else self.cfg.num_kv_heads
             w = _unpermute_rotary(w, heads)
@@ -138,14 +119,9 @@ def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str, dtype: Any = None) -> tuple[ModelConfig, Params]:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises bare ValueError/struct errors
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+    file = GGUFFile(path)
     dtype_name = hf._np_dtype(dtype).name if dtype is not None else None
-    cfg = config_from_gguf(reader, path, dtype=dtype_name)
-    arch = _field(reader, "general.architecture", path)
-    params = hf.load_params(cfg, _GGUFTensors(reader, cfg, arch, path), path)
+    cfg = config_from_gguf(file, dtype=dtype_name)
+    params = hf.load_params(cfg, _GGUFTensors(file, cfg, file.metadata["general.architecture"]),
+                            path)
     return cfg, params

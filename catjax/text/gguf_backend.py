@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from catjax.text.gguf_meta import read_metadata
+from catjax.gguf_file import read_metadata
 from catjax.text.hf_backend import HFTokenizer
 from catjax.text.tiktoken_backend import LLAMA3_SPLIT
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from catjax.gguf_file import MAGIC as GGUF_MAGIC
 from catjax.text.base import Tokenizer
 from catjax.text.gguf_backend import load_gguf_tokenizer
-from catjax.text.gguf_meta import MAGIC as GGUF_MAGIC
 from catjax.text.hf_backend import HFTokenizer
 from catjax.text.sp_backend import SentencePieceTokenizer
 from catjax.text.tiktoken_backend import TiktokenTokenizer, is_ranks_file

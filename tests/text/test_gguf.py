@@ -1,5 +1,5 @@
-"""GGUF: our metadata reader against files written by the `gguf` package, and a GGUF tokenizer
-built from Qwen 3's vocabulary against Qwen 3's own tokenizer.json."""
+"""GGUF tokenizers: one built from Qwen 3's vocabulary against Qwen 3's own tokenizer.json, and
+the tokenizer kinds we refuse. (The file reader itself: tests/test_gguf_file.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import pytest
 
 from catjax import text
-from catjax.text.gguf_meta import read_metadata
 
 
 def _write_gguf(path, endian=None, **fields):
@@ -23,32 +22,6 @@ def _write_gguf(path, endian=None, **fields):
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
-def test_metadata_reader_round_trip(tmp_path, endian):
-    import gguf
-
-    T = gguf.GGUFValueType
-    fields = {"a.u32": (7, T.UINT32), "a.i64": (-3, T.INT64), "a.f32": (0.5, T.FLOAT32),
-              "a.bool": (True, T.BOOL), "a.str": ("héllo {{ x }}", T.STRING),
-              "a.ints": ([1, -2, 3], T.ARRAY), "a.strs": (["x", "", "ü z"], T.ARRAY),
-              "a.floats": ([0.25, 1.5], T.ARRAY)}
-    path = _write_gguf(tmp_path / "m.gguf", gguf.GGUFEndian[endian], **fields)
-    meta = read_metadata(path)
-    assert meta["general.architecture"] == "llama"
-    for key, (value, _) in fields.items():
-        assert meta[key] == value, key
-
-
-def test_metadata_errors(tmp_path):
-    bad = tmp_path / "x.gguf"
-    bad.write_bytes(b"GGML....")
-    with pytest.raises(ValueError, match="x.gguf: not a GGUF file"):
-        read_metadata(bad)
-    bad.write_bytes(b"GGUF\x03\x00\x00\x00\x00")
-    with pytest.raises(ValueError, match="x.gguf: GGUF metadata is truncated"):
-        read_metadata(bad)
 
 
 @pytest.fixture(scope="module")
