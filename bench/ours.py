@@ -252,7 +252,8 @@ def task_mfu(m, args) -> dict:
     is a 2048^3 `jnp.dot` in the model's dtype, measured in the same process."""
     prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
     rl, opt = _rl_setup()
-    rl = dataclasses.replace(rl, micro_batch=args.micro_batch)
+    rl = dataclasses.replace(rl, micro_batch=args.micro_batch,
+                             logprob_chunk=args.logprob_chunk or rl.logprob_chunk)
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
                           pad_id=m.tokenizer.pad_id)
@@ -278,7 +279,7 @@ def task_mfu(m, args) -> dict:
     rows, width = batch["tokens"].shape
     peak = matmul_peak(m.cfg.jnp_dtype)
     return {"rows": rows, "tokens_per_row": width, "new_tokens": n, "flops": flops,
-            "micro_batch": args.micro_batch,
+            "micro_batch": args.micro_batch, "logprob_chunk": rl.logprob_chunk,
             "xla_cost_flops": hlo_flops, "step_s_min": t, "matmul_peak_flops": peak,
             "achieved_flops_per_s": flops / t, "mfu": flops / t / peak}, times, first
 
@@ -296,6 +297,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="cat_step, mfu: rl.micro_batch (0: all rows at once)")
+    ap.add_argument("--logprob-chunk", type=int, default=0,
+                    help="mfu: rl.logprob_chunk, completion tokens scored at once (0: the default)")
     ap.add_argument("--temperature", type=float, default=workload.TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=workload.TOP_P)
     args = ap.parse_args()

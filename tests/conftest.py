@@ -1,5 +1,5 @@
-"""Suite-wide set-up: one on-disk XLA compilation cache, and a local OpenAI-compatible server
-for the judge tests (tests/cat and tests/test_guarantees.py)."""
+"""Suite-wide set-up: one on-disk XLA compilation cache, unoptimised XLA:CPU code generation, and
+a local OpenAI-compatible server for the judge tests (tests/cat and tests/test_guarantees.py)."""
 
 import os
 from collections.abc import Iterator
@@ -12,6 +12,13 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The tests compile far more than they run: LLVM without optimisation (XLA's backend level 0)
+# took the whole suite from 1237 to 972 s on 2 cores; only the long runs got slower (toy CaT-RL
+# 91 -> 117 s). Subprocesses inherit it (tests/devices.py adds device counts to it). Benchmarks
+# and real runs keep XLA's default level.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 
 import pytest  # noqa: E402
 

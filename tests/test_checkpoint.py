@@ -18,6 +18,7 @@ import pytest
 
 from catjax import checkpoint
 from catjax.checkpoint import Checkpointer, CheckpointError
+from tests.devices import xla_flags
 from tests.gcs_emulator import gcs_emulator  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def fast_gcs_retries():
 
 
 def run_script(code: str, devices: int = 1, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
@@ -342,7 +343,7 @@ def test_two_processes_save_restore_and_agree_on_preemption(tmp_path):
         print("OK", pid, flag, flush=True)
     """.replace("{port}", str(port)).replace("{d!r}", repr(d))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": xla_flags(1)}
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(i)], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

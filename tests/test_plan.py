@@ -18,6 +18,7 @@ import textwrap
 import pytest
 
 from catjax import plan as planner
+from tests.devices import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/cat_rl.py:model=tiny,runlocal"
@@ -107,7 +108,7 @@ def runs():
     procs = {
         "json": _popen(cli + ["--devices=1", "--hbm_gb=16", "--json"]),
         "measure": _popen([sys.executable, "-c", MEASURE],
-                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
+                          {"XLA_FLAGS": xla_flags(4)}),
         "bad_topology": _popen(cli + ["--topology=v9x-8"]),
         "bad_devices": _popen(cli + ["--devices=3", "--hbm_gb=16", "--config.mesh.tensor=2"]),
     }

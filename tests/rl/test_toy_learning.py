@@ -2,17 +2,27 @@
 both the reward and the held-out single-sample accuracy vs gold. The full version is
 `python -m catjax.main --config=configs/toy.py` (README)."""
 
-from catjax import main, metrics
-from configs import toy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from catjax import metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cat_rl_raises_reward_and_heldout_accuracy(tmp_path):
-    config = toy.get_config("steps=8")
-    config.eval_data.limit = 300
-    config.eval_every = 8
-    config.checkpoint.every = 8
-    config.export = False
-    main.run(config, str(tmp_path))
+    # In a process of its own with XLA's default optimisation: this test runs more than it
+    # compiles (the suite's unoptimised code generation, tests/conftest.py, made it 91 -> 117 s).
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if "xla_backend_optimization_level" not in f)
+    cmd = [sys.executable, "-m", "catjax.main", "--config=configs/toy.py:steps=8",
+           "--config.eval_data.limit=300", "--config.eval_every=8", "--config.checkpoint.every=8",
+           "--config.export=False", f"--workdir={tmp_path}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
     rows = metrics.read(str(tmp_path / "metrics.jsonl"))
     held = {r["step"]: r["heldout_accuracy"] for r in rows if "heldout_accuracy" in r}
     assert sorted(held) == [0, 8]
