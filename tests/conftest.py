@@ -20,6 +20,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_backend_optimization_level=0").strip()
 
+# torch (the transformers references) on one thread: its OpenMP workers spin at barriers, and with
+# the other xdist worker on the second core they wait on each other. SmolLM2's generate-parity
+# test beside a busy JAX process: 40.8 s with two threads, 22.4 s with one; the whole suite, cold,
+# 760 -> 696 s (test_smollm2 130 -> 96 s, test_sampling 153 -> 121 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest  # noqa: E402
 
 from tests.cat.test_judges import FakeServer  # noqa: E402
