@@ -1,5 +1,6 @@
-"""Suite-wide set-up: one on-disk XLA compilation cache, unoptimised XLA:CPU code generation, and
-a local OpenAI-compatible server for the judge tests (tests/cat and tests/test_guarantees.py)."""
+"""Suite-wide set-up: one on-disk XLA compilation cache, unoptimised XLA:CPU code generation, torch
+on one thread, and a local OpenAI-compatible server for the judge tests (tests/cat and
+tests/test_guarantees.py)."""
 
 import os
 from collections.abc import Iterator
