@@ -9,7 +9,8 @@
 
 Workloads are `workload.py`'s, the same as the peers'. One process per measurement, so peak
 memory (ru_maxrss) is that measurement's own. Compilation is timed apart (`first_s`).
-`CATJAX_HOST_MALLOC=retain` measures that option of catjax.hostmem (default: glibc's malloc).
+The host malloc is catjax's (`CATJAX_HOST_MALLOC`, default mimalloc: catjax.hostmem); each result
+names the one in effect (`host_malloc`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from catjax import hostmem  # noqa: E402
+
+# As `python -m catjax.main` does, before JAX is imported (may restart this process).
+HOST_MALLOC = hostmem.configure(restart=__name__ == "__main__")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import workload  # noqa: E402
 
-from catjax import hostmem, models, sampling, text  # noqa: E402
+from catjax import models, sampling, text  # noqa: E402
 from catjax.cat import round as cat_round  # noqa: E402
 from catjax.cat import rubrics  # noqa: E402
 from catjax.cat.local_judge import LocalJudge  # noqa: E402
@@ -55,7 +61,7 @@ def result(task: str, m: cat_round.Model, model_dir: str, times: list[float], fi
     return {"library": "catjax", "jax": jax.__version__, "task": task,
             "model": os.path.basename(model_dir.rstrip("/")), "params": models.param_count(m.params),
             "times_s": times, "first_s": first, **workload.summary(times),
-            "peak_rss_mb": workload.peak_rss_mb(), **extra}
+            "peak_rss_mb": workload.peak_rss_mb(), "host_malloc": HOST_MALLOC, **extra}
 
 
 # --- 1. rollout sampling ---------------------------------------------------------------------
@@ -202,7 +208,7 @@ def task_cat_step(m, args) -> dict:
 
 # --- 5. utilisation: the training step's FLOP/s vs the measured matmul peak --------------------
 
-def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype, size: int = 2048, repeats: int = 10) -> float:
     a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda x: x @ x)
     times, _ = workload.timed(lambda: block(f(a)), repeats)
@@ -249,7 +255,9 @@ def task_mfu(m, args) -> dict:
 
     FLOPs: every matmul the step runs (`matmul_flops`: the layers over all positions, the output
     head at the completion positions, its recompute in the backward pass, attention). The peak
-    is a 2048^3 `jnp.dot` in the model's dtype, measured in the same process."""
+    is a 2048^3 `jnp.dot` in the model's dtype, measured in the same process before and after
+    the steps: the faster of the two, since a shared machine's speed drifts (127-182 GFLOP/s
+    between processes here)."""
     prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
     rl, opt = _rl_setup()
     rl = dataclasses.replace(rl, micro_batch=args.micro_batch,
@@ -270,6 +278,7 @@ def task_mfu(m, args) -> dict:
     traced = jax.make_jaxpr(lambda p, o, b: trainer.train_step(m.cfg, p, o, p, b, rl=rl, opt=opt))
     flops = matmul_flops(traced(params, opt_state, batch).jaxpr)
     state = {"p": params, "o": opt_state}
+    peak_before = matmul_peak(m.cfg.jnp_dtype)
 
     def run():
         state["p"], state["o"], mets = step(state["p"], state["o"], state["p"], batch)
@@ -277,7 +286,7 @@ def task_mfu(m, args) -> dict:
     times, first = workload.timed(run, args.repeats)
     t = min(times)
     rows, width = batch["tokens"].shape
-    peak = matmul_peak(m.cfg.jnp_dtype)
+    peak = max(peak_before, matmul_peak(m.cfg.jnp_dtype))
     return {"rows": rows, "tokens_per_row": width, "new_tokens": n, "flops": flops,
             "micro_batch": args.micro_batch, "logprob_chunk": rl.logprob_chunk,
             "xla_cost_flops": hlo_flops, "step_s_min": t, "matmul_peak_flops": peak,
@@ -302,9 +311,6 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=workload.TEMPERATURE)
     ap.add_argument("--top-p", type=float, default=workload.TOP_P)
     args = ap.parse_args()
-    # CATJAX_HOST_MALLOC as `python -m catjax.main` reads it (default: glibc's malloc), set
-    # before the model load starts JAX's threads.
-    hostmem.configure()
     m = load(args.model)
     extra, times, first = TASKS[args.task](m, args)
     workload.emit(result(args.task, m, args.model, times, first, **extra))

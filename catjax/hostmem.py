@@ -1,65 +1,99 @@
-"""Host memory on CPU runs: optionally keep freed memory in the process (CATJAX_HOST_MALLOC).
+"""Host memory on CPU runs: which malloc serves XLA:CPU's buffers (CATJAX_HOST_MALLOC).
 
 XLA:CPU allocates every call's temporary buffer afresh: 2.7 GB for the benchmark's training step
 on a 4-layer model with a 49k vocabulary. glibc serves blocks that large with a fresh `mmap` and
 returns them to the kernel on `free`, so each call page-faults gigabytes in again, zero-filled by
-the kernel: a fifth of that step's wall time went to the kernel (bench/RESULTS.md). With one malloc
-arena, no `mmap` and no trimming (`retain`), a freed buffer stays mapped and the next call reuses
-it: that step ran 1.3x faster.
+the kernel: a fifth of that step's wall time went to the kernel (bench/RESULTS.md).
 
-It is opt-in because of its price, measured here: the process keeps its peak heap and never
-returns fragments (peak RSS 1.6x on that step; SmolLM2-135M's 32-row step, which completed in
-24 GiB with glibc's default that day, was killed for memory), and XLA's compiler threads share
-one arena (the demo took 370 s instead of 342). Use it for long CPU training runs with memory to
-spare.
+Modes:
+- `auto` (the default): `mimalloc` where JAX will compute on the CPU (no GPU or TPU device on
+  the host, or JAX_PLATFORMS=cpu), else `system`: an accelerator's buffers live on the device.
+- `mimalloc`: the entry points restart the process once with mimalloc (the `cmeel-mimalloc`
+  wheel, a dependency on Linux) preloaded and told to keep freed pages
+  (MIMALLOC_PURGE_DELAY=-1), so the next call reuses them. A preload is the only way: XLA calls
+  the C library's malloc, and only the dynamic loader can put another in its place.
+- `system`: the C library's malloc as it comes.
+
+(glibc's malloc set to one arena with no `mmap` and no trim also stops the faults; it was an
+option until mimalloc measured at least as fast without its memory price: bench/RESULTS.md.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
+from importlib import metadata
+from pathlib import Path
 
 ENV = "CATJAX_HOST_MALLOC"
-MODES = ("system", "retain")  # system: glibc's default (the default); retain: as above
-
-# mallopt(3) parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
+MODES = ("auto", "mimalloc", "system")
+# Set in the restarted process: a preload the loader refused must not restart it again.
+_RESTARTED = "CATJAX_HOST_MALLOC_RESTARTED"
 
 
-def retain_freed_memory() -> bool:
-    """Set glibc's malloc to keep freed memory (one arena, no mmap, no trim); True if applied.
-
-    Call it before JAX starts: an arena limit set after other threads have allocated does not
-    bind them. A no-op returning False where the C library is not glibc (macOS, musl).
-    """
+def mimalloc_library() -> Path | None:
+    """The shared mimalloc that `cmeel-mimalloc` installs (Linux), or None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return False
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        dist = metadata.distribution("cmeel-mimalloc")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file("cmeel.prefix/lib/libmimalloc.so.3"))
+    return path if path.is_file() else None
+
+
+def accelerator_present() -> bool:
+    """Whether JAX may find a GPU or TPU here (judged before JAX starts, from the device nodes)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and all(p.strip() == "cpu" for p in platforms.split(",")):
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # M_TRIM_THRESHOLD -1 turns trimming off; M_MMAP_MAX 0 sends every block through the heap;
-    # one arena, because glibc's per-thread arenas mmap large blocks whatever M_MMAP_MAX says.
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    # NVIDIA GPUs; TPU v4 (accel) and v5e and later (vfio).
+    patterns = ("nvidia[0-9]*", "accel[0-9]*", "vfio/[0-9]*")
+    return any(next(Path("/dev").glob(pattern), None) for pattern in patterns)
 
 
-def configure(mode: str | None = None) -> bool:
-    """Apply `mode` (default: $CATJAX_HOST_MALLOC, else 'system'); True if memory is retained."""
-    mode = mode if mode is not None else os.environ.get(ENV, "system")
+def mimalloc_loaded() -> bool:
+    """Whether this process runs with mimalloc (preloaded or linked in)."""
+    try:
+        return "libmimalloc" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def restart_with_mimalloc(library: Path) -> None:
+    """Replace this process by the same command with `library` preloaded (does not return)."""
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
+    env.setdefault("MIMALLOC_PURGE_DELAY", "-1")  # keep freed pages for the next call
+    env[_RESTARTED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # orig_argv keeps the interpreter's own options and `-m module` / `-c code`.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def configure(mode: str | None = None, *, restart: bool = False) -> str:
+    """Apply `mode` (default: $CATJAX_HOST_MALLOC, else auto); returns the malloc in effect.
+
+    `restart`: the caller is the program's entry point, early, before JAX starts, and mimalloc
+    may be brought in by restarting the process (see `restart_with_mimalloc`). Library callers
+    leave it False and get what their process already runs with.
+    """
+    mode = mode if mode is not None else os.environ.get(ENV) or "auto"
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
-    if mode != "retain":
-        return False
-    if retain_freed_memory():
-        return True
-    print(f"catjax: {ENV}=retain has no effect here: it needs glibc's malloc", file=sys.stderr)
-    return False
+    asked = mode == "mimalloc"
+    if mode == "auto":
+        mode = "system" if accelerator_present() else "mimalloc"
+    if mode == "system" or not restart:
+        return "mimalloc" if mimalloc_loaded() else "system"
+    if mimalloc_loaded():
+        return "mimalloc"
+    library = mimalloc_library()
+    if library is not None and _RESTARTED not in os.environ:
+        restart_with_mimalloc(library)
+    if asked or library is not None:  # asked for, or the loader refused it: say why it is off
+        why = "the loader did not preload it" if library else "install cmeel-mimalloc (Linux)"
+        print(f"catjax: {ENV}=mimalloc has no effect here: {why}", file=sys.stderr)
+    return "system"

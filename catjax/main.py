@@ -59,8 +59,9 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint step at INFO
     from catjax import hostmem, parallel
 
-    # Before JAX starts its threads (CATJAX_HOST_MALLOC=retain: see hostmem).
-    hostmem.configure()
+    # Before JAX starts: may restart this process with mimalloc preloaded (see hostmem); only
+    # when this module is the program, not when a test calls cli().
+    hostmem.configure(restart=__name__ == "__main__")
     # Before anything touches a JAX backend: devices are fixed once one is initialized.
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value)
