@@ -25,6 +25,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from catjax import hostinfo
+
 ENV = "CATJAX_HOST_MALLOC"
 MODES = ("auto", "mimalloc", "system")
 # Set in the restarted process: a preload the loader refused must not restart it again.
@@ -48,9 +50,7 @@ def accelerator_present() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms and all(p.strip() == "cpu" for p in platforms.split(",")):
         return False
-    # NVIDIA GPUs; TPU v4 (accel) and v5e and later (vfio).
-    patterns = ("nvidia[0-9]*", "accel[0-9]*", "vfio/[0-9]*")
-    return any(next(Path("/dev").glob(pattern), None) for pattern in patterns)
+    return hostinfo.gpu_present() or hostinfo.tpu_present()
 
 
 def mimalloc_loaded() -> bool:
@@ -86,10 +86,9 @@ def configure(mode: str | None = None, *, restart: bool = False) -> str:
     asked = mode == "mimalloc"
     if mode == "auto":
         mode = "system" if accelerator_present() else "mimalloc"
-    if mode == "system" or not restart:
-        return "mimalloc" if mimalloc_loaded() else "system"
-    if mimalloc_loaded():
-        return "mimalloc"
+    loaded = mimalloc_loaded()
+    if loaded or mode == "system" or not restart:
+        return "mimalloc" if loaded else "system"
     library = mimalloc_library()
     if library is not None and _RESTARTED not in os.environ:
         restart_with_mimalloc(library)

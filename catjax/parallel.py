@@ -7,7 +7,6 @@ over (data, fsdp) process p holds one contiguous block of rows, rows [p*L, (p+1)
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -19,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from catjax import hostinfo
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def param_shardings(shapes, logical, mesh: Mesh, rules: dict | None = None):
 
 def _tpu_worker_count() -> int:
     """Hosts of this Cloud TPU slice (1 if not on a TPU VM); never initializes a JAX backend."""
-    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
-        return 1  # no TPU chips here
+    if not hostinfo.tpu_present():
+        return 1
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
     if hosts:  # GKE (JobSet) and some queued-resource setups
         return len([h for h in hosts.split(",") if h.strip()])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from catjax import hostmem
+from catjax import hostinfo, hostmem
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux")
@@ -19,7 +19,7 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PREL
 # last call's buffers (it does so after the result is ready) before the next call allocates.
 _PROBE = textwrap.dedent("""
     import os, resource, sys, time
-    from catjax import hostmem
+    from catjax import hostinfo, hostmem
     print(hostmem.configure(sys.argv[1], restart=True), os.environ.get("PROBE_KEEP"))
     import jax, jax.numpy as jnp
     x = jnp.ones((64, 1024, 1024), jnp.float32)
@@ -97,11 +97,12 @@ def test_auto_is_mimalloc_only_without_an_accelerator(monkeypatch):
 def test_accelerator_present_honours_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not hostmem.accelerator_present()
-    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([Path("/dev/accel0")]))
+    monkeypatch.setattr(hostinfo, "tpu_present", lambda: True)
     assert not hostmem.accelerator_present()  # a TPU host told to compute on the CPU
     monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
     assert hostmem.accelerator_present()
-    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([]))
+    monkeypatch.setattr(hostinfo, "tpu_present", lambda: False)
+    monkeypatch.setattr(hostinfo, "gpu_present", lambda: False)
     assert not hostmem.accelerator_present()
 
 
