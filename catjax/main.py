@@ -53,8 +53,10 @@ def run(config, workdir: str):
 
 def main(argv):
     del argv
+    if _CONFIG.value is None:
+        _fail("--config is required (a config file, e.g. --config=configs/cat_rl.py)")
     if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+        _fail("--workdir is required")
     logging.getLogger("jax").setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint step at INFO
     from catjax import hostmem, parallel

@@ -66,6 +66,7 @@ CLI_CASES = {
     "malformed JSONL": ([TINY, "--config.data.path={d}/malformed.jsonl"],
                         "{d}/malformed.jsonl:2: invalid JSON"),
     "truncated safetensors": ([TINY, "--config.model.init={d}/truncated"], "truncated safetensors file"),
+    "no config": ([], "--config is required"),
 }
 
 

@@ -39,9 +39,12 @@ _log = logging.getLogger(__name__)
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # Brace scanning steps over escaped characters, so \{ \} (set braces) and \\ do not count.
 _BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
-_SPACES_RE = re.compile(r"[ \t]*")
+_SPACES_RE = re.compile(r"\s*")
 # `\boxed 5`: TeX takes one token; models mean "the word after it", so take up to space or $.
 _BARE_TOKEN_RE = re.compile(r"[ \t]*([^\s$]+)")
+# ... if it looks like an answer (a number, a sign, a macro, one letter): `\boxed as asked`
+# is prose about the macro, not a box.
+_BARE_ANSWER_RE = re.compile(r"[-+.(\\\d]|[A-Za-z](?![A-Za-z])")
 
 
 def _balanced_group(text: str, open_pos: int) -> str | None:
@@ -61,24 +64,26 @@ def _balanced_group(text: str, open_pos: int) -> str | None:
 def extract_boxed(text: str | None) -> str | None:
     """Contents of the last ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``) in ``text``.
 
-    Returns None when there is no box, the last box never closes (truncated generation), or it
-    is empty. One regex pass to find the last box plus one brace scan: linear time.
+    Boxes that hold no answer are passed over for the one before them: an empty ``\\boxed{}``
+    and a bare ``\\boxed`` followed by a word ("put it in \\boxed as asked"). Returns None when
+    there is no such box or the last brace box never closes (a truncated generation: an earlier
+    box may be a superseded answer). Each brace scan stops at its group's end: linear time.
     """
     if not text:
         return None
-    last = None
-    for last in _BOX_RE.finditer(text):  # noqa: B007 - we want the final match
-        pass
-    if last is None:
-        return None
-    brace = _SPACES_RE.match(text, last.end()).end()
-    if brace < len(text) and text[brace] == "{":
-        content = _balanced_group(text, brace)
-    else:
-        tok = _BARE_TOKEN_RE.match(text, last.end())
-        content = tok.group(1) if tok else None
-    content = content.strip() if content else None
-    return content or None
+    for box in reversed(list(_BOX_RE.finditer(text))):
+        brace = _SPACES_RE.match(text, box.end()).end()
+        if brace < len(text) and text[brace] == "{":
+            content = _balanced_group(text, brace)
+            if content is None:
+                return None
+            if content.strip():
+                return content.strip()
+            continue
+        tok = _BARE_TOKEN_RE.match(text, box.end())
+        if tok and _BARE_ANSWER_RE.match(tok.group(1)):
+            return tok.group(1)
+    return None
 
 
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
@@ -172,11 +177,14 @@ def extract_answer(
 # C0 control characters (NUL included) and DEL carry no meaning in an answer.
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Delimiters and spacing: `$`/`\$` (math mode, currency), `\( \) \[ \]`, thin spaces
-# `\! \, \; \:` (dropped outright so `10,\!080` -> `10,080`), wide spaces -> one space.
+# `\! \, \; \:` (dropped, but a space between two digits: `1\;2` is not 12; after a comma,
+# with the spaces around them, see `_COMMA_THIN_RE`), wide spaces -> one space.
 # `\\` (a matrix row break) is matched first so its second backslash is not misread.
 _DELIM_SPACING_RE = re.compile(
     r"\\\\|\\[!,;:]|\\[()\[\]]|\\?\$|\\ |~|\\q?quad(?![A-Za-z])|\\(?:display|text)style(?![A-Za-z])"
 )
+# A thin space after a comma before a digit is a thousands separator's: `11,\! 111` -> `11,111`.
+_COMMA_THIN_RE = re.compile(r",(?:[ ]*\\[!,;:])+[ ]*(?=\d)")
 # `\left( ... \right)` -> `( ... )`; `\left.` / `\right.` are invisible delimiters.
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|[Bb]igg?[lr]?)(?![A-Za-z])\s*\.?")
 # Spelling variants of the same macro.
@@ -231,6 +239,10 @@ _CHOICE_RE = re.compile(r"\(\s*([A-E])\s*\)")
 # The right-hand side takes its own leading spaces (squeezed later): a `\s*` before it would
 # split a long run every way once a later `=` fails the match.
 _ASSIGN_RE = re.compile(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)\s*(?:=|\\in(?![A-Za-z]))([^=]+)")
+# Whitespace between two digits: dropped before a group of exactly three (`10 000`), else kept
+# (`1 \quad 2` is two numbers, not 12): `_DIGIT_GAP` holds it through `_squeeze_whitespace`.
+_DIGIT_GAP_RE = re.compile(r"(?<=\d)\s+(?=(\d{3}(?!\d))|\d)", re.ASCII)
+_DIGIT_GAP = "\x00"  # control characters are stripped first, so it cannot come from the answer
 # Whitespace: dropped, except between a control word and a letter (`\cot x` != `\cotx`).
 _WHITESPACE_RE = re.compile(r"(\\[A-Za-z]+)?\s+(?=([A-Za-z])?)")
 # Shorthand arguments: `\frac12` -> `\frac{1}{2}`, `\frac{270}7` -> `\frac{270}{7}`,
@@ -241,8 +253,8 @@ _FRAC_ARGS_RE = re.compile(r"\\frac" + _ARG + _ARG)
 _SQRT_ARG_RE = re.compile(r"\\sqrt(?![A-Za-z])" + r"(\\[A-Za-z]+|[^{}\\\s\[])")
 # `x^{2}` -> `x^2`, `4210_{5}` -> `4210_5`: braces around one character are noise.
 _SCRIPT_RE = re.compile(r"([\^_])\{([^{}\\])\}")
-# Thousands separators, only when the whole answer is one number: `1,000` -> `1000` but
-# `(1,2)` and `1,-2` and `3, 5, 7` are untouched.
+# Thousands separators, only when the whole answer is one number with no space after a comma:
+# `1,000` -> `1000` but `(1,2)`, `1,-2`, `3, 5, 7` and the list `1, 234` are untouched.
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", re.ASCII)
 # `.5` -> `0.5`; `2.50` -> `2.5`; `5.0` / `5.00` -> `5`.
 _LEADING_DOT_RE = re.compile(r"(?<![\d.])\.(?=\d)")
@@ -255,11 +267,17 @@ def _strip_controls(s: str) -> str:
 
 
 def _drop_delimiters_and_spacing(s: str) -> str:
+    s = _COMMA_THIN_RE.sub(",", s)
+
     def repl(m: re.Match[str]) -> str:
-        tok = m.group()
+        tok, text = m.group(), m.string
         if tok == "\\\\":
             return tok
-        return "" if tok[:2] in ("\\!", "\\,", "\\;", "\\:") or tok.endswith("$") else " "
+        if tok[:2] in ("\\!", "\\,", "\\;", "\\:"):
+            between_digits = (m.start() > 0 and text[m.start() - 1].isdigit()
+                              and text[m.end():m.end() + 1].isdigit())
+            return " " if between_digits else ""
+        return "" if tok.endswith("$") else " "
 
     return _DELIM_SPACING_RE.sub(repl, s)
 
@@ -292,6 +310,10 @@ def _drop_assignment(s: str) -> str:
     return m.group(1) if m and m.group(1).strip() else s
 
 
+def _keep_digit_gaps(s: str) -> str:
+    return _DIGIT_GAP_RE.sub(lambda m: "" if m.group(1) else _DIGIT_GAP, s)
+
+
 def _squeeze_whitespace(s: str) -> str:
     def repl(m: re.Match[str]) -> str:
         macro, letter = m.group(1), m.group(2)
@@ -312,8 +334,11 @@ def _brace_shorthand(s: str) -> str:
     return _SCRIPT_RE.sub(r"\1\2", s)
 
 
-def _drop_thousands(s: str) -> str:
-    return s.replace(",", "") if _THOUSANDS_RE.fullmatch(s) else s
+def _drop_thousands(s: str, grouped: bool) -> str:
+    if not _THOUSANDS_RE.fullmatch(s):
+        return s
+    # A list that looks like one number keeps its spaces, so that its normal form stays a list.
+    return s.replace(",", "") if grouped else s.replace(",", ", ")
 
 
 def _drop_trailing_period(s: str) -> str:
@@ -331,6 +356,8 @@ def _canonical_decimals(s: str) -> str:
     return _DECIMAL_RE.sub(repl, s)
 
 
+# Punctuation alone (`-`, `?`, `\text{,}`) is not an answer either: it would match itself.
+_NO_ANSWER_RE = re.compile(r"[\s\-+?,.;:!'\"`*/|_~^=<>]*")
 # Longer "answers" are not answers (a runaway generation, an attack): they normalise to "", so
 # they never match, never win a vote, and cost O(1) here.
 MAX_ANSWER_CHARS = 10_000
@@ -344,8 +371,8 @@ def normalize(ans: str | None) -> str:
     degree signs, percent signs, units after a number, `\\text{}`-style wrappers, `(C)` ->
     `C`, leading `x =` / `x \\in`, whitespace, `\\frac12`/`\\sqrt2` braces,
     a trailing period, thousands separators, and decimal spelling (`.5`, `2.50`, `5.0`).
-    Linear-time regexes only. None, "" and answers over `MAX_ANSWER_CHARS` -> "".
-    """
+    Linear-time regexes only. None, "", punctuation alone and answers over `MAX_ANSWER_CHARS`
+    -> "" (never a match). Digits apart stay apart (`1 \\quad 2` -> `1 2`, not `12`)."""
     if not ans or len(ans) > MAX_ANSWER_CHARS:
         return ""
     s = _strip_controls(ans)
@@ -359,11 +386,13 @@ def normalize(ans: str | None) -> str:
     s = _drop_units(s, _PLAIN_UNIT_RE)
     s = _CHOICE_RE.sub(r"\1", s) if _CHOICE_RE.fullmatch(s.strip()) else s
     s = _drop_assignment(s)
-    s = _squeeze_whitespace(s)
+    grouped = ", " not in s  # `1, 234` is a list; `1,234` one number (below)
+    s = _squeeze_whitespace(_keep_digit_gaps(s))
     s = _brace_shorthand(s)
     s = _drop_trailing_period(s)  # first: `1,000.` is the number 1000, then a full stop
-    s = _drop_thousands(s)
-    return _canonical_decimals(s)
+    s = _drop_thousands(s, grouped)
+    s = _canonical_decimals(s).replace(_DIGIT_GAP, " ")
+    return "" if _NO_ANSWER_RE.fullmatch(s) else s
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,14 +652,12 @@ class _SymbolicWorker:
                 self._conn.send((req_id, op, a, b))
                 if not self._conn.poll(timeout_s):
                     _STATS.bump("timeouts")
-                    self._kill()
-                    self._start()  # warm up the replacement while the caller moves on
+                    self._restart()
                     return False
                 got_id, result, error = self._conn.recv()
             except (EOFError, OSError):
                 _STATS.bump("crashes")
-                self._kill()
-                self._start()
+                self._restart()
                 return False
             if got_id != req_id:  # cannot happen with one request in flight; be safe
                 self._kill()
@@ -638,6 +665,17 @@ class _SymbolicWorker:
             if error is not None:
                 _STATS.bump("worker_errors")
             return bool(result)
+
+    def _restart(self) -> None:
+        """Replace a hung or dead worker and warm the new one up while the caller moves on. A
+        replacement that cannot launch (out of processes or file handles) is left for the next
+        request's `_ensure_ready`, which counts it: this request is already answered (False)."""
+        self._kill()
+        try:
+            self._start()
+        except OSError:
+            _STATS.bump("start_failures")
+            self._kill()
 
     def pid(self) -> int | None:
         with self._lock:

@@ -214,10 +214,21 @@ class HTTPJudge(Judge):
                 delay = max(delay, min(float(retry_after), self.backoff_max_s))
         return delay
 
-    def _send_once(self, body: bytes) -> bytes:
+    def _send_once(self, body: bytes, deadline: float) -> bytes:
+        """One POST. `timeout_s` bounds each socket wait; `deadline` (monotonic) the whole reply,
+        which a server could otherwise trickle in a byte at a time for ever."""
         req = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
         with self._opener.open(req, timeout=self.timeout_s) as resp:
-            return resp.read(MAX_REPLY_BYTES)
+            chunks, size = [], 0
+            while size < MAX_REPLY_BYTES:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reply not complete within max_total_s={self.max_total_s}")
+                chunk = resp.read1(min(1 << 16, MAX_REPLY_BYTES - size))  # what has arrived
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
 
     def _post(self, payload: dict[str, Any]) -> bytes:
         """POST with bounded retries; raises _Down once the judge is given up on."""
@@ -227,7 +238,7 @@ class HTTPJudge(Judge):
             self._count(calls=1)
             retry_after = None
             try:
-                return self._send_once(body)
+                return self._send_once(body, start + self.max_total_s)
             except urllib.error.HTTPError as e:
                 why = f"HTTP {e.code}"
                 retry_after = e.headers.get("Retry-After") if e.headers else None

@@ -79,6 +79,24 @@ class RoundConfig:
         if self.prompt_overflow not in PROMPT_OVERFLOW:
             raise ValueError(f"round.prompt_overflow={self.prompt_overflow!r}: use one of "
                              f"{PROMPT_OVERFLOW}")
+        # Numbers checked here, at start-up, not after the model has loaded and sampled.
+        ranges = {"max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+                  "synthesis_max_new_tokens": (self.synthesis_max_new_tokens >= 1, ">= 1"),
+                  "temperature": (self.temperature >= 0, ">= 0"),
+                  "anchor_temperature": (self.anchor_temperature >= 0, ">= 0"),
+                  "top_k": (self.top_k >= 0, ">= 0"),
+                  "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+                  "rubric_min_items": (1 <= self.rubric_min_items <= rubrics.MAX_ITEMS,
+                                       f"in [1, {rubrics.MAX_ITEMS}]"),
+                  "rubric_retries": (self.rubric_retries >= 0, ">= 0"),
+                  "length_penalty_tokens": (self.length_penalty_tokens >= 0, ">= 0 (0: none)")}
+        for name, (ok, want) in ranges.items():
+            if not ok:
+                raise ValueError(f"round.{name}={getattr(self, name)} must be {want}")
+        if self.length_penalty_tokens and self.task != "freeform":
+            raise ValueError(f"round.length_penalty_tokens={self.length_penalty_tokens} applies to "
+                             "task='freeform' (the paper's HealthBench penalty); math rewards have "
+                             "none: set it to 0")
 
 
 @dataclasses.dataclass

@@ -29,6 +29,7 @@ from catjax.cat import prompts
 _log = logging.getLogger(__name__)
 
 MAX_CRITERION_CHARS = 500
+MAX_ITEMS = 20  # criteria kept per rubric (the first ones, after de-duplication)
 FALLBACK_REFERENCE_CHARS = 1500
 # How many of the last `<rubric>` opening tags to try: a criterion that itself mentions
 # "<rubric>" should not hide the real block, and a fixed count keeps parsing linear.
@@ -52,11 +53,14 @@ _DECLARATION = re.compile(r"<!\s*(?:DOCTYPE|ENTITY)\b", re.IGNORECASE)
 _XML_REF = re.compile(r"&(?:(amp|lt|gt|quot|apos)|#(\d{1,7})|#[xX]([0-9a-fA-F]{1,6}));")
 _XML_NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 _SPACE_RUN = re.compile(r"\s+")
+# Control characters (a raw NUL, or "&#1;" decoded) would travel into every judge prompt.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _clean(text: str) -> str:
-    """One line, whitespace collapsed, capped: criteria are single yes/no statements."""
-    text = _SPACE_RUN.sub(" ", text).strip()
+    """One line, whitespace collapsed, controls dropped, capped: criteria are single yes/no
+    statements."""
+    text = _SPACE_RUN.sub(" ", _CONTROL.sub("", text)).strip()
     if len(text) > MAX_CRITERION_CHARS:
         text = text[: MAX_CRITERION_CHARS - 1].rstrip() + "…"
     return text
@@ -133,7 +137,7 @@ def _parse_span(span: str, min_items: int, max_items: int) -> list[str]:
     return criteria
 
 
-def parse_rubric(text: str, min_items: int = 5, max_items: int = 20) -> list[str]:
+def parse_rubric(text: str, min_items: int = 5, max_items: int = MAX_ITEMS) -> list[str]:
     """Criteria of the last ``<rubric>...</rubric>`` block in the anchor's output.
 
     Chatter and code fences around the block are ignored. The block is parsed as XML
@@ -177,8 +181,12 @@ def parse_rubric(text: str, min_items: int = 5, max_items: int = 20) -> list[str
 # --------------------------------------------------------------------------------------------
 
 _VERDICT_TAG = re.compile(r"<\s*verdict\s*>\s*(yes|no)\s*<\s*/\s*verdict\s*>", re.IGNORECASE)
-# A bare answer at the very start, e.g. "Yes." or "no</verdict>" after a `<verdict>` prefill.
-_LEADING = re.compile(r"[\s*\"'`]*(?:<\s*verdict\s*>\s*)?(yes|no)(?![a-z])", re.IGNORECASE)
+# A bare answer at the very start, e.g. "Yes." or "no</verdict>" after a `<verdict>` prefill;
+# not "yes/no", "Yes_" or "yes2": the word must end there.
+_LEADING = re.compile(r"[\s*\"'`]*(?:<\s*verdict\s*>\s*)?(yes|no)(?![\w/|\\-])", re.IGNORECASE)
+# The rest of the leading answer's clause: "yes or no", "Yes, but no" name both words.
+_CLAUSE = re.compile(r"[^.!?\n<]{0,200}")
+_OTHER = {"yes": re.compile(r"\bno\b", re.IGNORECASE), "no": re.compile(r"\byes\b", re.IGNORECASE)}
 
 
 def parse_verdict(text: str | None) -> bool | None:
@@ -186,7 +194,8 @@ def parse_verdict(text: str | None) -> bool | None:
 
     Only ever call this on the judge's *own* output, never on the rollout: the rollout is shown
     to the judge inside its prompt and may contain forged ``<verdict>yes</verdict>`` text.
-    Returns None when there is no verdict or it is ambiguous (both yes and no tags).
+    Returns None when there is no verdict or it is ambiguous (both yes and no tags; a bare
+    answer whose clause names the other word too, as in "yes or no").
     """
     if not isinstance(text, str):
         return None
@@ -194,7 +203,11 @@ def parse_verdict(text: str | None) -> bool | None:
     if tagged:
         return tagged == {"yes"} if len(tagged) == 1 else None
     m = _LEADING.match(text)
-    return m.group(1).lower() == "yes" if m else None
+    if not m:
+        return None
+    word = m.group(1).lower()
+    clause = _CLAUSE.match(text, m.end()).group(0)
+    return None if _OTHER[word].search(clause) else word == "yes"
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +264,8 @@ def propose_rubric(
     holding the fenced, truncated reference) and are counted in ``stats.fallbacks``.
     Exceptions raised by ``generate`` itself propagate: a broken sampler is not a parse failure.
     """
+    if not 1 <= min_items <= MAX_ITEMS:  # before the anchor generates, not after
+        raise ValueError(f"rubric min_items={min_items} must be in [1, {MAX_ITEMS}]")
     stats = RubricStats(references=len(references))
     rubrics: list[list[str] | None] = [None] * len(references)
     chats = [prompts.rubric_proposal(ref, min_items) for ref in references]

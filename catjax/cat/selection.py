@@ -22,7 +22,8 @@ from catjax import sampling, scoring
 from catjax.cat import answers, prompts
 from catjax.models import ModelConfig, Params
 
-_CHOICE = re.compile(r"<choice>\s*(\d+)\s*</choice>|^\s*(\d+)\b")
+_CHOICE_TAG = re.compile(r"<choice>\s*(\d{1,6})\s*</choice>", re.ASCII | re.IGNORECASE)
+_LEADING_NUMBER = re.compile(r"\s*(\d{1,6})\b", re.ASCII)
 
 
 def single_sample(num_questions: int) -> list[int]:
@@ -43,11 +44,13 @@ def min_perplexity(model_logprobs_rn: np.ndarray, lengths_r: np.ndarray,
 
 
 def parse_choice(text: str, num_candidates: int) -> int | None:
-    """1-based `<choice>k</choice>` (or a leading number) -> 0-based index, if in range."""
-    m = _CHOICE.search(text[:2000])
+    """1-based `<choice>k</choice>` (else a leading number) -> 0-based index, if in range. The
+    tag wins over a number the reply starts with ("2 candidates are close, but <choice>3</choice>")."""
+    head = text[:2000]
+    m = _CHOICE_TAG.search(head) or _LEADING_NUMBER.match(head)
     if not m:
         return None
-    k = int(m.group(1) or m.group(2))
+    k = int(m.group(1))
     return k - 1 if 1 <= k <= num_candidates else None
 
 

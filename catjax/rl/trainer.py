@@ -93,6 +93,7 @@ def make_optimizer(oc: Any, total_steps: int,
     updates_per_step`. (A skipped, non-finite update does not advance optax's count: the
     schedule then runs that many updates behind.)
     """
+    _check_optimizer(oc)
     lr = _schedule(oc, total_steps)
     if updates_per_step != 1:
         per_update = lr
@@ -101,13 +102,26 @@ def make_optimizer(oc: Any, total_steps: int,
                        optax.adamw(lr, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay))
 
 
+def _check_optimizer(oc: Any) -> None:
+    """Values optax would take without complaint and then never learn with (a clip norm of 0
+    zeroes every update; NaN where a gradient is exactly 0)."""
+    checks = {"lr": oc.lr >= 0, "clip_norm": oc.clip_norm > 0, "warmup_steps": oc.warmup_steps >= 0,
+              "b1": 0 <= oc.b1 < 1, "b2": 0 <= oc.b2 < 1, "weight_decay": oc.weight_decay >= 0}
+    want = {"lr": ">= 0", "clip_norm": "> 0", "warmup_steps": ">= 0", "b1": "in [0, 1)",
+            "b2": "in [0, 1)", "weight_decay": ">= 0"}
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(f"config.optimizer.{name}={getattr(oc, name)} must be {want[name]}")
+
+
 def _schedule(oc: Any, total_steps: int) -> optax.Schedule:
     if oc.schedule == "constant":
         lr = optax.constant_schedule(oc.lr) if not oc.warmup_steps else optax.join_schedules(
             [optax.linear_schedule(0.0, oc.lr, oc.warmup_steps), optax.constant_schedule(oc.lr)],
             [oc.warmup_steps])
     elif oc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, oc.lr, max(oc.warmup_steps, 1), total_steps)
+        lr = (optax.cosine_decay_schedule(oc.lr, max(total_steps, 1)) if not oc.warmup_steps else
+              optax.warmup_cosine_decay_schedule(0.0, oc.lr, oc.warmup_steps, total_steps))
     else:
         raise ValueError(f"config.optimizer.schedule={oc.schedule!r}: use 'constant' or 'cosine'")
     return lr
@@ -289,18 +303,23 @@ def _round_metrics(res: cat_round.RoundResult, g: int) -> dict[str, float]:
     return out
 
 
+# Round metrics that are counts, not rates: the global batch's is the sum over processes.
+_ROUND_COUNTS = ("round/prompt_truncated",)
+
+
 def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) -> dict[str, float]:
     """Round metrics of the global batch from each process's (a collective; identity alone).
 
     Every process holds as many questions, so the mean over processes of a per-question or
-    per-rollout mean is the global mean (a count absent on a process is 0 there); the verdict
+    per-rollout mean is the global mean (a count absent on a process is 0 there); counts
+    (`_ROUND_COUNTS`) add up; the verdict
     rate, per judged pair, is weighted by each process's pairs; the reward statistics are
     recomputed from all rewards, in global row order.
     """
     if jax.process_count() == 1:
         return local
     everyone = parallel.allgather_json({"m": local, "r": np.asarray(rewards, np.float32).tolist()})
-    out = {k: float(np.mean([e["m"].get(k, 0.0) for e in everyone]))
+    out = {k: float((np.sum if k in _ROUND_COUNTS else np.mean)([e["m"].get(k, 0.0) for e in everyone]))
            for k in sorted(set().union(*(e["m"] for e in everyone)))}
     rate, pairs = "round/verdict_unparsable", "round/judge_pairs"
     if rate in out:
@@ -350,6 +369,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
 
     rc = loading.round_config(config.round)
     rl = RLConfig.from_config(config.rl, rc.num_rollouts)
+    opt = make_optimizer(config.optimizer, config.steps, rl.num_iterations)  # checks it, at start
     mesh = parallel.make_mesh(**dict(config.mesh))
     rows, dp = config.batch_size * rl.num_rollouts, parallel.data_parallel_size(mesh)
     if rows % dp:
@@ -384,7 +404,6 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     if jnp.dtype(cfg.dtype) != master:
         params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master), t))(params)
         as_compute = jax.jit(functools.partial(compute_params, cfg))
-    opt = make_optimizer(config.optimizer, config.steps, rl.num_iterations)
     opt_shardings = _opt_shardings(opt, params, mesh)
     opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
     # The update keeps each state array's sharding: left to the compiler, outputs come back laid
@@ -404,8 +423,10 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         state, meta = ckpt.restore(abstract_state=abstract)
         params, opt_state, anchor = state["params"], state["opt_state"], state["anchor"]
         start = int(meta["step"])
-        writer.truncate_after(start)
         print(f"resumed from step {start}")
+    # Rows past the checkpoint were written before a crash and are written again; with no
+    # checkpoint, every row (the step-0 held-out row too) is from an attempt that starts over.
+    writer.truncate_after(start if start else -1)
     # After the restore: a local judge built on the anchor reads the restored arrays (built
     # before, it would hold the pre-restore copy, a second anchor in device memory).
     if rc.task == "freeform" and judge is None:
@@ -422,6 +443,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         writer.write(0, heldout_metrics(cat_round.Model(cfg, as_compute(params), tok), heldout, rc,
                                         config.seed))
     last: dict = {}
+    preempted = False
     with ckpt, tqdm(total=config.steps, initial=start, desc="cat-rl", unit="step",
                     disable=jax.process_index() != 0) as bar:
         for step in range(start, config.steps):
@@ -444,10 +466,12 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
             dt = time.perf_counter() - t0
             gen_tokens = float(np.asarray(res.rollouts.lengths).sum())
             # Update FLOPs: forward + backward (3x forward) per iteration, plus the anchor's
-            # forward; remat adds one more forward. Padding counts: it is computed too.
+            # forward (skipped without a KL term); remat adds one more forward. Padding counts:
+            # it is computed too.
             seq = batch["tokens"].shape[1]
             fwd = batch["tokens"].size * models.num_flops_per_token(cfg, seq // 2)
-            update_flops = fwd * (1 + rl.num_iterations * (4 if cfg.remat else 3))
+            anchor_passes = 0 if rl.kl_mode == "none" else 1
+            update_flops = fwd * (anchor_passes + rl.num_iterations * (4 if cfg.remat else 3))
             t_update = dt - t_round
             round_mets = _merge_over_processes(_round_metrics(res, rl.num_rollouts), res.rewards,
                                                rl.num_rollouts)
@@ -473,8 +497,11 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
                 ckpt.wait()
                 print(f"preempted: saved step {step + 1}, exiting")
                 break
+    is_preempted.uninstall()  # a later SIGTERM (in demo.run's next job, say) is not ours
     writer.close()
-    export = config.get("export", True)
+    # A preempted run resumes and exports at its end: no export of an unfinished model inside
+    # the grace period (a kill mid-write would leave a partial export/).
+    export = config.get("export", True) and not preempted
     if export and parallel.is_global(params):
         params_out = parallel.to_host(params)  # a collective: every process takes part
     else:
@@ -488,7 +515,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         if export:  # save_pretrained uploads a gs:// directory itself
             models.save_pretrained(cfg.replace(remat=False), params_out,
                                    os.path.join(workdir, "export"), dtype=cfg.dtype)
-    return {"params": params, "metrics": last}
+    return {"params": params, "metrics": last, "preempted": preempted}
 
 
 def compute_params(cfg: ModelConfig, params: Params) -> Params:

@@ -79,6 +79,14 @@ BOXED_CASES = [
     ("\\boxed{}", None),
     ("\\boxed", None),
     ("\\boxedx{5}", None),  # a different macro
+    # Boxes that hold no answer give way to the box before them.
+    ("\\boxed{5}. (Formatted with \\boxed as asked.)", "5"),
+    ("\\boxed{5}.\nNote: use \\boxed{} for answers.", "5"),
+    ("\\boxed{ } \\boxed{}", None),
+    ("\\boxed\n{9}", "9"),
+    ("\\boxed A", "A"),
+    ("\\boxed -3.", "-3."),
+    ("\\boxed{6} and \\boxed{7", None),  # but a truncated last box still ends the search
 ]
 
 
@@ -210,6 +218,21 @@ NORMALIZE_CASES = [
     ("a \\le b", "a\\leq b"),
     ("\\displaystyle \\frac{1}{2}", "\\frac{1}{2}"),
     ("5\x00", "5"),
+    # Separate numbers stay separate (a list, two numbers), and keep their normal form.
+    ("1, 234", "1, 234"),
+    ("x=1, 234", "1, 234"),
+    ("-3, 500", "-3, 500"),
+    ("1 \\quad 2", "1 2"),
+    ("1\\;2", "1 2"),
+    ("2 3", "2 3"),
+    ("10\\,000", "10000"),
+    ("1 000 000", "1000000"),
+    ("12 345.5", "12345.5"),
+    # Punctuation alone is no answer.
+    ("-", ""),
+    ("?", ""),
+    ("\\text{,}", ""),
+    ("\\{\\}", "\\{\\}"),
     ("", ""),
     (None, ""),
     ("7" * (answers.MAX_ANSWER_CHARS + 1), ""),
@@ -506,6 +529,13 @@ def test_majority_vote() -> None:
     assert majority_vote([None, None]) is None
     assert majority_vote([]) is None
     assert majority_vote(["x=5", "5", "6"]) == "x=5"
+    assert majority_vote(["-", "-", "5"]) == "5"  # punctuation is no answer
+
+
+def test_separate_numbers_never_match_their_concatenation() -> None:
+    for a, b in [("1 \\quad 2", "12"), ("1, 234", "1234"), ("1\\;2", "12"), ("-", "-")]:
+        assert verifiable_reward(a, b, "exact") == 0.0
+    assert verifiable_reward("1,234", "1234", "exact") == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +574,22 @@ def test_worker_replaced_after_hang(grader: int) -> None:
     assert answers.stats()["timeouts"] == before["timeouts"] + 1
     new_pid = answers.worker_pid()
     assert new_pid is not None and new_pid != pid
+    _assert_serving()
+
+
+def test_worker_that_cannot_be_replaced_is_a_false_answer_not_a_crash(grader, monkeypatch) -> None:
+    """Out of processes (EMFILE, EAGAIN) when replacing a hung worker: the request is False and
+    counted; once launching works again the next request gets a fresh worker."""
+    def cannot_launch():
+        raise OSError(24, "Too many open files")
+
+    before = answers.stats()
+    with monkeypatch.context() as m:
+        m.setattr(answers, "_launch_worker", cannot_launch)
+        assert answers._WORKER.request("sleep", "30", "", timeout_s=0.5) is False
+        assert answers.stats()["start_failures"] == before["start_failures"] + 1
+        assert answers._WORKER.request("ping", "", "", timeout_s=2.0) is False  # still none
+        assert answers.stats()["start_failures"] == before["start_failures"] + 2
     _assert_serving()
 
 

@@ -29,7 +29,8 @@ class FakeServer:
     """Answers like a judge whose rule is: yes iff the *criterion* contains "[yes]".
 
     ``plan`` holds per-request overrides, consumed in arrival order: ("status", code),
-    ("body", bytes), ("sleep", seconds), ("content", text). With the plan empty, requests get
+    ("body", bytes), ("sleep", seconds), ("content", text), ("drip", seconds): the verdict a
+    byte at a time, `seconds` apart. With the plan empty, requests get
     the rule's verdict after ``delay`` seconds.
     """
 
@@ -63,15 +64,24 @@ class FakeServer:
                     with server.lock:
                         server.in_flight -= 1
                 with contextlib.suppress(OSError):  # the client gave up (timeout test)
-                    self._send(*reply)
+                    self._send(*reply, drip=action[1] if action[0] == "drip" else 0.0)
 
-            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None,
+                      drip: float = 0.0) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not drip:
+                    self.wfile.write(body)
+                    return
+                self.wfile.flush()
+                for i in range(len(body)):
+                    if server.stop.wait(drip):
+                        return
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
 
             def _reply(self, action: tuple[str, Any], req: dict[str, Any]) -> tuple[int, bytes, dict]:
                 kind, arg = action
@@ -203,6 +213,16 @@ def test_total_time_budget_stops_retries(server):
     assert judge.judge([(YES, "ok")])[0].met is None
     assert time.monotonic() - t0 < 1.5
     assert judge.stats.calls <= 3
+
+
+def test_total_time_budget_bounds_a_reply_that_trickles_in(server):
+    """Each byte arrives well within timeout_s, so only the total budget can stop the read."""
+    server.plan = [("drip", 0.05)] * 4
+    judge = make_judge(server.url, timeout_s=1.0, max_retries=3, max_total_s=1.0)
+    t0 = time.monotonic()
+    assert judge.judge([(YES, "ok")])[0].met is None
+    assert time.monotonic() - t0 < 2.5  # the ~100-byte reply alone takes 5 s
+    assert judge.stats.errors == 1
 
 
 def test_judge_down_never_raises(caplog):

@@ -136,3 +136,20 @@ def test_length_penalty_adds_minus_one_past_the_limit_not_counting_the_stop_toke
                                                    ["ref"], np.asarray([12, 750, 751]), rc, counts)
     np.testing.assert_allclose(rewards, [0.4, 0.4, 0.4 - 1.0], rtol=1e-6)
     assert counts["judge_pairs"] == 15 and counts["synthesis_rubric_criteria"] == 5
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_new_tokens", 0), ("synthesis_max_new_tokens", -1), ("temperature", -0.5),
+    ("anchor_temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+    ("rubric_min_items", 0), ("rubric_min_items", 25), ("rubric_retries", -1),
+    ("length_penalty_tokens", -750),
+])
+def test_round_config_numbers_checked_at_start_up(field, value):
+    with pytest.raises(ValueError, match=rf"^round\.{field}={value} must be"):
+        cat_round.RoundConfig(task="freeform", **{field: value})
+
+
+def test_length_penalty_is_for_freeform_rewards_only():
+    with pytest.raises(ValueError, match=r"round\.length_penalty_tokens=750 applies to task='freeform'"):
+        cat_round.RoundConfig(task="math", length_penalty_tokens=750)
+    assert cat_round.RoundConfig(task="freeform", length_penalty_tokens=750).length_penalty_tokens == 750

@@ -99,6 +99,13 @@ def test_escaped_and_unescaped_ampersand():
     assert got[1:] == CRITERIA[:4]
 
 
+def test_control_characters_dropped():
+    xml = rubric_xml(["The reply &#1;covers\tdiet."] + CRITERIA[:4])  # the XML path
+    assert parse_rubric(xml)[0] == "The reply covers diet."
+    raw = rubric_xml(["The reply \x00covers diet & sleep."] + CRITERIA[:4])  # the regex path
+    assert parse_rubric(raw)[0] == "The reply covers diet & sleep."
+
+
 def test_truncated_xml():
     full = rubric_xml(CRITERIA + ["The reply ends with a summary."])
     cut = full[: full.index("summary")]  # cut mid-criterion, no </rubric>
@@ -204,12 +211,31 @@ def test_bad_arguments():
     ("The answer is yes", None),  # not leading, not tagged
     ("\x00\xff garbage <verdict>", None),
     (None, None),
+    # Garbage that names both answers, or a word that goes on, never awards reward.
+    ("<verdict>yes/no</verdict>", None),
+    ("<verdict>yes or no</verdict>", None),
+    ("Yes or No?", None),
+    ("yes|no", None),
+    ("Yes_", None),
+    ("yes2", None),
+    ("yes, but no", None),
+    ("No, it does not say yes", None),
+    ("Yes. It does not mention no other drug.", True),  # the other word in a later sentence
+    ("No, it does not.", False),
 ])
 def test_parse_verdict(text, want):
     assert parse_verdict(text) is want
 
 
 # --- propose_rubric --------------------------------------------------------------------------
+
+
+def test_propose_rubric_checks_min_items_before_generating():
+    def generate(batch):
+        raise AssertionError("the anchor generated")
+
+    with pytest.raises(ValueError, match=r"min_items=25 must be in \[1, 20\]"):
+        propose_rubric(generate, ["ref"], min_items=25)
 
 
 def test_propose_rubric_retries_then_falls_back():

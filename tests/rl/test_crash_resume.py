@@ -186,9 +186,11 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, capsys, fault
 def test_sigterm_saves_the_current_step_then_resume_is_bit_identical(reference, tmp_path, capsys):
     work = tmp_path / "run"
     # Checkpoints are not due (every 100 steps): only the preemption makes one.
-    proc = _run_cli(reference, work, "rollout:2:TERM", "--config.checkpoint.every=100")
+    proc = _run_cli(reference, work, "rollout:2:TERM", "--config.checkpoint.every=100",
+                    "--config.export=True")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preempted: saved step 2, exiting" in proc.stdout
+    assert not (work / "export").exists()  # an unfinished model is not exported
     assert Checkpointer(str(work / "checkpoints")).all_steps() == [2]
     assert [r["step"] for r in metrics.read(str(work / "metrics.jsonl"))] == [1, 2]
     _assert_bit_identical(_state(work / "checkpoints", 2), reference.state(2))

@@ -39,7 +39,16 @@ def _tiny(steps: int):
 
 
 def test_runlocal_leaves_checkpoints_metrics_plot_and_export(tmp_path):
+    import json
+    import signal
+
+    # Rows of an attempt that died before its first checkpoint: a fresh start drops them.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "loss": 9.0}) + "\n"
+                                                    for k in (0, 1, 2, 3)))
+    handler = signal.getsignal(signal.SIGTERM)
     out = main.run(_tiny(2), str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the preemption handler is put back
+    assert not out["preempted"]
     assert os.path.exists(tmp_path / "curves.png")
     assert os.path.exists(tmp_path / "export" / "config.json")
     rows = metrics.read(str(tmp_path / "metrics.jsonl"))
@@ -217,6 +226,32 @@ def test_rl_config_errors_name_the_field_at_start_up(field, value):
         trainer.RLConfig.from_config({field: value}, 8)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("clip_norm", 0.0), ("lr", -1e-6), ("warmup_steps", -1), ("b2", 1.0), ("weight_decay", -0.1),
+])
+def test_optimizer_errors_name_the_field_before_the_model_loads(tmp_path, monkeypatch, field, value):
+    from catjax import loading
+
+    config = _tiny(1)
+    config.optimizer[field] = value
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=rf"^config\.optimizer\.{field}={value} must be"):
+        main.run(config, str(tmp_path))
+
+
+def test_cosine_without_warmup_starts_at_the_learning_rate():
+    import jax.numpy as jnp
+    import ml_collections
+
+    from catjax.rl import trainer
+
+    oc = ml_collections.ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=0, b1=0.0, b2=0.0,
+                                        weight_decay=0.0, clip_norm=1e9))
+    opt = trainer.make_optimizer(oc, total_steps=4)
+    updates, _ = opt.update(jnp.ones(()), opt.init(jnp.zeros(())), jnp.zeros(()))
+    np.testing.assert_allclose(-float(updates), 1.0, rtol=1e-5)  # step 0 learns (was lr 0)
+
+
 def test_rl_config_unknown_field_is_one_line():
     from catjax.rl import trainer
 
@@ -254,13 +289,15 @@ def test_round_metrics_merge_over_processes_by_their_own_units(monkeypatch):
     from catjax.rl import trainer
 
     mine = {"round/rollout_extract_boxed": 0.5, "round/judge_pairs": 5.0,
-            "round/verdict_unparsable": 0.2}
+            "round/verdict_unparsable": 0.2, "round/prompt_truncated": 1.0}
     theirs = {"round/rollout_extract_boxed": 1.0, "round/judge_pairs": 15.0,
-              "round/verdict_unparsable": 0.0}
+              "round/verdict_unparsable": 0.0, "round/prompt_truncated": 2.0}
     monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
     monkeypatch.setattr(parallel, "allgather_json", lambda obj: [
         obj, {"m": theirs, "r": [1.0, 1.0]}])
     got = trainer._merge_over_processes(mine, np.asarray([0.0, 1.0]), 2)
     assert got["round/rollout_extract_boxed"] == 0.75
     assert got["round/verdict_unparsable"] == pytest.approx(0.05)  # 1 of 5 + 0 of 15 pairs
+    assert got["round/judge_pairs"] == 10.0  # criteria per rollout: a rate
+    assert got["round/prompt_truncated"] == 3.0  # a count: they add up
     assert got["reward_mean"] == 0.75 and got["frac_reward_zero_std"] == 0.5
