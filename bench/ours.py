@@ -85,6 +85,7 @@ def task_sampler(m, args) -> dict:
 
 def _rl_setup():
     rl = trainer.RLConfig(num_rollouts=workload.RL["num_samples"], kl_mode="none",
+                          temperature=workload.RL["temperature"],
                           epsilon=workload.RL["epsilon"])
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(workload.RL["lr"]))
     return rl, opt

@@ -276,8 +276,7 @@ def _train_batch(rows: int, width: int, new: int) -> dict[str, jax.ShapeDtypeStr
     s, i32, f32 = jax.ShapeDtypeStruct, jnp.int32, jnp.float32
     return dict(tokens=s((rows, width + new), i32), positions=s((rows, width + new), i32),
                 key_mask=s((rows, width + new), bool), pred_index=s((rows, new), i32),
-                targets=s((rows, new), i32), mask=s((rows, new), f32), rewards=s((rows,), f32),
-                behaviour_logprobs=s((rows, new), f32))
+                targets=s((rows, new), i32), mask=s((rows, new), f32), rewards=s((rows,), f32))
 
 
 def _train_temp_bytes(cfg: ModelConfig, rl: Any, opt: Any, state: Any, rows: int, width: int,
@@ -325,7 +324,8 @@ def measure_train(cfg: ModelConfig, config: Any, prompt_tokens: int) -> TrainFit
 def _rl_config(config: Any) -> Any:
     from catjax.rl import trainer
 
-    return trainer.RLConfig.from_config(config.rl, int(config.round.num_rollouts))
+    return trainer.RLConfig.from_config(config.rl, int(config.round.num_rollouts),
+                                        float(config.round.get("temperature", 1.0)))
 
 
 # --- the plan ----------------------------------------------------------------------------------

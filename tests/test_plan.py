@@ -46,7 +46,7 @@ MEASURE = textwrap.dedent("""
     g, n = config.round.num_rollouts, config.round.max_new_tokens
     rows, width = BATCH * g, sampling.bucket_length(512)
     opt = trainer.make_optimizer(config.optimizer, config.steps)
-    rl = trainer.RLConfig(num_rollouts=g, **dict(config.rl))
+    rl = trainer.RLConfig(num_rollouts=g, temperature=config.round.temperature, **dict(config.rl))
     out = {}
 
     # One device: parameters, AdamW state, a rollout KV cache.
@@ -73,8 +73,7 @@ MEASURE = textwrap.dedent("""
                  positions=np.broadcast_to(np.arange(t), (rows, t)).astype(np.int32),
                  key_mask=np.ones((rows, t), bool),
                  pred_index=np.broadcast_to(np.arange(width - 1, t - 1), (rows, n)).astype(np.int32),
-                 mask=np.ones((rows, n), np.float32), rewards=rng.integers(0, 2, rows).astype(np.float32),
-                 behaviour_logprobs=-rng.random((rows, n)).astype(np.float32))
+                 mask=np.ones((rows, n), np.float32), rewards=rng.integers(0, 2, rows).astype(np.float32))
     batch["targets"] = batch["tokens"][:, width:]
     batch = jax.device_put(batch)
     lowered = trainer.train_step.lower(cfg, params, opt_state, anchor, batch, rl=rl, opt=opt)

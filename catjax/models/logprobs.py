@@ -28,20 +28,35 @@ from catjax.models.decoder import Params, head_logits, head_weight, rms_norm
 
 
 def token_logprobs(cfg: ModelConfig, params: Params, x_btd: jax.Array, targets_bt: jax.Array,
-                   *, keep_logits: bool = True) -> tuple[jax.Array, jax.Array]:
+                   *, keep_logits: bool = True,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """float32 (log p(target), entropy), each [B, T], of the next-token distributions at the
     hidden states `x_btd` (before the final norm: `hidden_states`' output).
 
     keep_logits: hold the [B, T, V] float32 logits for the backward pass (False: recompute them).
+    temperature: of the distribution scored, softmax(logits / temperature) (after any soft cap),
+    as the sampler draws at it; 1 is the model's own.
     """
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature={temperature} must be > 0")
     x_btd = rms_norm(cfg, x_btd, params["final_norm"])
+    softcap, inv_temp = float(cfg.final_logit_softcap or 0.0), 1.0 / float(temperature)
+    if not softcap and inv_temp != 1.0:
+        # Linear logits: (x / T) W = (x W) / T, and scaling [B, T, D] rather than [B, T, V]
+        # costs no second logits-sized buffer (the planner saw one: 25% more update memory).
+        x_btd, inv_temp = x_btd * jnp.asarray(inv_temp, x_btd.dtype), 1.0
     return _head_logprobs(x_btd, head_weight(cfg, params), targets_bt, cfg.tie_embeddings,
-                          float(cfg.final_logit_softcap or 0.0), keep_logits)
+                          softcap, keep_logits, inv_temp)
 
 
-def _statistics(x_btd, w, targets_bt, tied, softcap):
-    """The logits and their log-normaliser, target log-prob and entropy, in two passes over V."""
+def _logits(x_btd, w, tied, softcap, inv_temp):
     z = head_logits(x_btd, w, tied, softcap)
+    return z if inv_temp == 1.0 else z * inv_temp  # (at 1: the very same program as before)
+
+
+def _statistics(x_btd, w, targets_bt, tied, softcap, inv_temp):
+    """The logits and their log-normaliser, target log-prob and entropy, in two passes over V."""
+    z = _logits(x_btd, w, tied, softcap, inv_temp)
     m = jnp.max(z, axis=-1, keepdims=True)  # for the exp's range only (the VJP is hand-written)
     e = jnp.exp(z - m)
     s0, s1 = vocab_sums(e, e * z)
@@ -74,26 +89,30 @@ def vocab_sums(a: jax.Array, b: jax.Array, block: int = 128) -> tuple[jax.Array,
     return jnp.sum(sa, axis=-1), jnp.sum(sb, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _head_logprobs(x_btd, w, targets_bt, tied: bool, softcap: float, keep_logits: bool):
-    _, _, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_logprobs(x_btd, w, targets_bt, tied: bool, softcap: float, keep_logits: bool,
+                   inv_temp: float):
+    _, _, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap, inv_temp)
     return logp, ent
 
 
-def _fwd(x_btd, w, targets_bt, tied, softcap, keep_logits):
-    z, lse, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap)
+def _fwd(x_btd, w, targets_bt, tied, softcap, keep_logits, inv_temp):
+    z, lse, logp, ent = _statistics(x_btd, w, targets_bt, tied, softcap, inv_temp)
     return (logp, ent), (x_btd, w, targets_bt, lse, ent, z if keep_logits else None)
 
 
-def _bwd(tied, softcap, keep_logits, res, cotangents):
+def _bwd(tied, softcap, keep_logits, inv_temp, res, cotangents):
     x_btd, w, targets_bt, lse, ent, z = res
     g_logp, g_ent = (c[..., None] for c in cotangents)
     if z is None:
-        z = head_logits(x_btd, w, tied, softcap)
+        z = _logits(x_btd, w, tied, softcap, inv_temp)
     logp_v = z - lse[..., None]
     p = jnp.exp(logp_v)
     is_target = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == targets_bt[..., None]
     dz = jnp.where(is_target, g_logp, 0.0) - p * (g_logp + g_ent * (logp_v + ent[..., None]))
+    if inv_temp != 1.0:  # z = y / T: dz/dy = 1 / T
+        dz = dz * inv_temp
+        z = z / inv_temp  # the head's (soft-capped) logits again, for the cap's derivative
     if softcap:  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
         dz = dz * (1.0 - jnp.square(z / softcap))
     dz = dz.astype(x_btd.dtype)  # the matmuls run in the compute dtype, as autodiff's do

@@ -21,11 +21,11 @@ style: `kl_penalized_rewards`) or added to the per-token loss ("loss-level KL": 
 with `ref_logprobs_rt` and `kl_coef`).
 
 Rollout reuse (`num_iterations` > 1 PPO epochs over one batch of rollouts) needs nothing special
-here: `old_logprobs_rt` are the behaviour log-probs the rollouts were sampled with, and stay fixed
-while the policy moves. With a single iteration and `old_logprobs_rt == stop_gradient(logprobs_rt)`
-the ratio is exactly 1, nothing is clipped, and the gradient is the plain policy gradient
--A * d logprob (scaled by the aggregation); the clip only bites on later iterations or when the
-sampler's log-probs differ from the trainer's.
+here: `old_logprobs_rt` are the behaviour log-probs (the policy's before the update, at the
+sampling temperature; `trainer.train_step` recomputes them), and stay fixed while the policy
+moves. With a single iteration and `old_logprobs_rt == stop_gradient(logprobs_rt)` the ratio is
+exactly 1, nothing is clipped, and the gradient is the plain policy gradient -A * d logprob
+(scaled by the aggregation); the clip only bites on later iterations.
 
 Metrics are `(sum, count)` pairs of float32 scalars, so micro-batches and devices aggregate
 exactly: add pairs with `sum_metrics` (under jit), divide once with `combine_metrics`.

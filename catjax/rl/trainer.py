@@ -51,6 +51,9 @@ class RLConfig:
     num_iterations: int = 1
     micro_batch: int = 0  # rows per gradient micro-batch; 0 = all rows at once
     logprob_chunk: int = 128  # completion tokens per row scored at once; 0 = all at once
+    # The rollouts' sampling temperature (round.temperature; set by `from_config`): every
+    # log-prob of the update is of softmax(logits / temperature), the distribution sampled.
+    temperature: float = 1.0
 
     def __post_init__(self):
         # Every field is checked here, at start-up: a typo must not wait for the first compile,
@@ -67,6 +70,9 @@ class RLConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"config.rl.{name}={v!r} must be an integer >= {lo}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) or \
+                not 0 < self.temperature < float("inf"):
+            raise ValueError(f"rl temperature={self.temperature!r} (round.temperature) must be > 0")
         for name in ("epsilon", "epsilon_high", "kl_coef"):
             v = getattr(self, name)
             if v is None and name == "epsilon_high":
@@ -75,13 +81,14 @@ class RLConfig:
                 raise ValueError(f"config.rl.{name}={v!r} must be a finite number >= 0")
 
     @classmethod
-    def from_config(cls, rl: Any, num_rollouts: int) -> RLConfig:
-        """From `config.rl` (a ConfigDict or mapping); unknown keys are one line naming them."""
+    def from_config(cls, rl: Any, num_rollouts: int, temperature: float = 1.0) -> RLConfig:
+        """From `config.rl` (a ConfigDict or mapping) and the round's G and sampling temperature
+        (0, greedy rollouts: the plain model's log-probs); unknown keys are one line naming them."""
         d = dict(rl)
-        known = {f.name for f in dataclasses.fields(cls)} - {"num_rollouts"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"num_rollouts", "temperature"}
         if unknown := sorted(set(d) - known):
             raise ValueError(f"config.rl: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(num_rollouts=num_rollouts, **d)
+        return cls(num_rollouts=num_rollouts, temperature=temperature or 1.0, **d)
 
 
 def make_optimizer(oc: Any, total_steps: int,
@@ -155,14 +162,14 @@ def build_batch(res: cat_round.RoundResult, num_rollouts: int, pad_id: int,
     pred_index = np.where(j == 0, prompt_len[:, None] - 1, width + j - 1).astype(np.int32)
     return dict(tokens=tokens, positions=positions, key_mask=key_mask, pred_index=pred_index,
                 targets=comp, mask=(j < lengths[:, None]).astype(np.float32),
-                rewards=np.asarray(res.rewards, np.float32),
-                behaviour_logprobs=np.asarray(out.model_logprobs, np.float32))
+                rewards=np.asarray(res.rewards, np.float32))
 
 
-def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict,
-                        chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """float32 log-probs and entropies [R, N] of the completion tokens; logits only at the scored
-    positions, for `chunk` completion tokens of every row at a time (0: all N at once).
+def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict, chunk: int = 0,
+                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """float32 log-probs and entropies [R, N] of the completion tokens under softmax(logits /
+    `temperature`); logits only at the scored positions, for `chunk` completion tokens of every
+    row at a time (0: all N at once).
 
     Full-vocabulary float32 logits are the update's largest activation (~0.9 GiB per 1536-token
     row at a 152k vocabulary, times the log-softmax and its gradient): chunked, only [R, chunk, V]
@@ -175,8 +182,9 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict,
     hidden = jnp.take_along_axis(hidden, batch["pred_index"][..., None], axis=1)
 
     if not chunk or chunk >= hidden.shape[1]:
-        return models.token_logprobs(cfg, params, hidden, batch["targets"])
-    score = functools.partial(models.token_logprobs, cfg, params, keep_logits=False)
+        return models.token_logprobs(cfg, params, hidden, batch["targets"], temperature=temperature)
+    score = functools.partial(models.token_logprobs, cfg, params, keep_logits=False,
+                              temperature=temperature)
 
     # Chunks lead, rows stay the batch axis (sharded as before); lax.map runs the chunks one
     # after the other, and a remainder (chunk not dividing N) is one more, smaller call.
@@ -194,45 +202,60 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict,
 @functools.partial(jax.jit, static_argnames=("cfg", "rl", "opt"), donate_argnums=(1, 2))
 def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params, batch: dict, *,
                rl: RLConfig, opt: optax.GradientTransformation):
-    """GRPO update(s) on one batch of rollouts. Non-finite loss or gradients: skipped."""
+    """GRPO update(s) on one batch of rollouts. Non-finite loss or gradients: skipped.
+
+    Every log-prob is at the sampling temperature (`rl.temperature`), and the behaviour
+    log-probs are the policy's own before this step's update, recomputed here (as verl does),
+    not the sampler's: those come from other kernels (a bf16 cache on accelerators), and in the
+    reward-level KL (the default) a group whose task rewards tie is ranked by its KL alone, so
+    their round-off, z-scored, became advantages of about +-1 while the policy was still the
+    anchor. Here the policy and the anchor run one computation: equal weights, a KL of exactly 0.
+    That is one more forward pass, saved when nothing needs the values before the gradient pass
+    (one iteration without a reward-level KL: the pass reads its own, a ratio of exactly 1).
+    """
     mask = batch["mask"]
     rows = mask.shape[0]
     mb = rl.micro_batch or rows
     if rows % mb:
         raise ValueError(f"rl.micro_batch={mb} does not divide the {rows} rollout rows")
     split = lambda tree: jax.tree.map(lambda x: x.reshape(rows // mb, mb, *x.shape[1:]), tree)
-    # The anchor's pass goes micro-batch by micro-batch too, so the update's peak memory scales
-    # with rl.micro_batch, not with the batch.
-    old_lp = batch["behaviour_logprobs"]
-    if rl.kl_mode == "none":
-        # No KL term: the anchor's forward pass would only feed the kl_ref metric. Skipped.
-        ref_lp = old_lp
-    else:
-        anchor = jax.lax.stop_gradient(anchor)
-        ref_lp = jax.lax.map(lambda b: completion_logprobs(cfg, anchor, b, rl.logprob_chunk)[0],
-                             split(batch))
-        ref_lp = jax.lax.stop_gradient(ref_lp.reshape(mask.shape))
+    score = functools.partial(completion_logprobs, cfg, chunk=rl.logprob_chunk,
+                              temperature=rl.temperature)
+
+    def frozen_logprobs(p: Params) -> jax.Array:
+        # Micro-batch by micro-batch too, so the update's peak memory scales with
+        # rl.micro_batch, not with the batch.
+        p = jax.lax.stop_gradient(p)
+        lp = jax.lax.map(lambda b: score(p, b)[0], split(batch))
+        return jax.lax.stop_gradient(lp.reshape(mask.shape))
+
+    in_pass = rl.num_iterations == 1 and rl.kl_mode != "reward"
+    old_lp = None if in_pass else frozen_logprobs(compute_params(cfg, params))
+    # No KL term: the anchor's forward pass would only feed the kl_ref metric. Skipped.
+    ref_lp = None if rl.kl_mode == "none" else frozen_logprobs(anchor)
     rewards = task_rewards = batch["rewards"]
     if rl.kl_mode == "reward":
         rewards = grpo.kl_penalized_rewards(rewards, old_lp, ref_lp, mask, rl.kl_coef,
                                             rl.kl_estimator)
     adv = grpo.advantages(rewards, rl.num_rollouts, rl.advantage, rl.scale,
                           task_rewards_r=task_rewards if rl.tied_groups == "zero" else None)
-    chunks = split(dict(batch, adv=adv, ref_lp=ref_lp, old_lp=old_lp))
+    chunks = split(dict(batch, adv=adv, **{k: v for k, v in (("old_lp", old_lp), ("ref_lp", ref_lp))
+                                           if v is not None}))
     loss_kw = dict(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, loss_agg=rl.loss_agg,
                    kl_coef=rl.kl_coef if rl.kl_mode == "loss" else 0.0,
                    kl_estimator=rl.kl_estimator, max_tokens=mask.shape[1])
 
     def micro(p, mbatch):
-        lp, ent = completion_logprobs(cfg, compute_params(cfg, p), mbatch, rl.logprob_chunk)
+        lp, ent = score(compute_params(cfg, p), mbatch)
+        old = jax.lax.stop_gradient(lp) if in_pass else mbatch["old_lp"]
         # Without a KL term there is no reference: its "kl" metric is then (0, 0), not a
         # divergence from the behaviour log-probs under a reference's name.
         num, den, mets = grpo.policy_loss_terms(
-            lp, mbatch["old_lp"], mbatch["adv"], mbatch["mask"],
-            ref_logprobs_rt=None if rl.kl_mode == "none" else mbatch["ref_lp"], **loss_kw)
+            lp, old, mbatch["adv"], mbatch["mask"], ref_logprobs_rt=mbatch.get("ref_lp"),
+            **loss_kw)
         m = mbatch["mask"]
         mets = dict(mets, entropy=(jnp.sum(ent * m), jnp.sum(m)),
-                    logprob_gap=(jnp.sum(jnp.abs(lp - mbatch["old_lp"]) * m), jnp.sum(m)))
+                    logprob_gap=(jnp.sum(jnp.abs(lp - old) * m), jnp.sum(m)))
         return num, (den, mets)
 
     def one_iteration(carry, _):
@@ -269,7 +292,9 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     (params, opt_state), mets = jax.lax.scan(one_iteration, (params, opt_state), None,
                                             length=rl.num_iterations)
     mets = jax.tree.map(lambda x: x[-1], mets)
-    if rl.kl_mode != "none":
+    if rl.kl_mode != "none" and old_lp is None:  # the one pass's own: its kl metric
+        mets["kl_ref"] = mets["kl"]
+    elif rl.kl_mode != "none":
         valid = mask > 0  # `where`, not `* mask`: a padded slot's log-probs may be -inf
         kl_k3 = grpo.KL_ESTIMATORS["k3"](jnp.where(valid, old_lp, 0.0), jnp.where(valid, ref_lp, 0.0))
         mets["kl_ref"] = (jnp.sum(jnp.where(valid, kl_k3, 0.0)), jnp.sum(mask))
@@ -368,7 +393,7 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     from catjax import loading
 
     rc = loading.round_config(config.round)
-    rl = RLConfig.from_config(config.rl, rc.num_rollouts)
+    rl = RLConfig.from_config(config.rl, rc.num_rollouts, rc.temperature)
     opt = make_optimizer(config.optimizer, config.steps, rl.num_iterations)  # checks it, at start
     mesh = parallel.make_mesh(**dict(config.mesh))
     rows, dp = config.batch_size * rl.num_rollouts, parallel.data_parallel_size(mesh)
@@ -466,12 +491,12 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
             dt = time.perf_counter() - t0
             gen_tokens = float(np.asarray(res.rollouts.lengths).sum())
             # Update FLOPs: forward + backward (3x forward) per iteration, plus the anchor's
-            # forward (skipped without a KL term); remat adds one more forward. Padding counts:
-            # it is computed too.
+            # forward (skipped without a KL term) and the policy's before the update (see
+            # train_step); remat adds one more forward. Padding counts: it is computed too.
             seq = batch["tokens"].shape[1]
             fwd = batch["tokens"].size * models.num_flops_per_token(cfg, seq // 2)
-            anchor_passes = 0 if rl.kl_mode == "none" else 1
-            update_flops = fwd * (anchor_passes + rl.num_iterations * (4 if cfg.remat else 3))
+            frozen_passes = (rl.kl_mode != "none") + (rl.num_iterations > 1 or rl.kl_mode == "reward")
+            update_flops = fwd * (frozen_passes + rl.num_iterations * (4 if cfg.remat else 3))
             t_update = dt - t_round
             round_mets = _merge_over_processes(_round_metrics(res, rl.num_rollouts), res.rewards,
                                                rl.num_rollouts)

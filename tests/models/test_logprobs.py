@@ -13,8 +13,9 @@ from catjax.models import logprobs
 B, T = 3, 5
 
 
-def _reference(cfg, params, x_btd, targets_bt):
-    logp = jax.nn.log_softmax(models.logits_from_hidden(cfg, params, x_btd), axis=-1)
+def _reference(cfg, params, x_btd, targets_bt, temperature=1.0):
+    logits = models.logits_from_hidden(cfg, params, x_btd) / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
     ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     return jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0], ent
 
@@ -49,15 +50,19 @@ def _value_and_grads(fn, cfg, params, x, targets, weights):
     ("tiny_llama", {"final_logit_softcap": 5.0}),
 ])
 @pytest.mark.parametrize("keep_logits", [True, False])
-def test_values_and_gradients_equal_autodiff_of_the_log_softmax(preset, changes, keep_logits):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # 0.7: the sampler's (Qwen 3, Llama 3.1)
+def test_values_and_gradients_equal_autodiff_of_the_log_softmax(preset, changes, keep_logits,
+                                                                temperature):
     cfg, params, x, targets, weights = _case(preset, **changes)
-    ours = lambda *a: models.token_logprobs(*a, keep_logits=keep_logits)
+    ours = lambda *a: models.token_logprobs(*a, keep_logits=keep_logits, temperature=temperature)
+    ref = lambda *a: _reference(*a, temperature=temperature)
     (_, (lp, ent)), (gp, gx) = _value_and_grads(ours, cfg, params, x, targets, weights)
-    (_, (lp0, ent0)), (gp0, gx0) = _value_and_grads(_reference, cfg, params, x, targets, weights)
+    (_, (lp0, ent0)), (gp0, gx0) = _value_and_grads(ref, cfg, params, x, targets, weights)
     assert lp.dtype == ent.dtype == jnp.float32 and lp.shape == ent.shape == (B, T)
     assert float(jnp.ptp(ent0)) > 0.1  # the rows differ: a wrong gradient cannot hide
+    # The entropy, lse - E[z], cancels logits of a few hundred: its rounding grows with 1 / T.
     np.testing.assert_allclose(lp, lp0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5 / temperature)
     np.testing.assert_allclose(gx, gx0, rtol=1e-4, atol=1e-5 * float(jnp.abs(gx0).max()))
     # Every parameter the head touches (the embedding or lm_head, the final norm) and none else.
     for path, a in jax.tree_util.tree_leaves_with_path(gp):
@@ -66,6 +71,16 @@ def test_values_and_gradients_equal_autodiff_of_the_log_softmax(preset, changes,
             b = b[k.key]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(float(jnp.abs(b).max()), 1e-6),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_temperature_changes_the_distribution_scored():
+    cfg, params, x, targets, _ = _case("tiny_qwen3")
+    lp1, ent1 = models.token_logprobs(cfg, params, x, targets)
+    lp07, ent07 = models.token_logprobs(cfg, params, x, targets, temperature=0.7)
+    assert float(jnp.mean(ent07)) < float(jnp.mean(ent1))  # sharper at 0.7
+    assert not np.allclose(lp1, lp07)
+    with pytest.raises(ValueError, match="temperature=0"):
+        models.token_logprobs(cfg, params, x, targets, temperature=0.0)
 
 
 def test_bfloat16_gradients_keep_their_dtypes_and_stay_near_float32():

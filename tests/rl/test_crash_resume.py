@@ -255,10 +255,10 @@ def test_non_finite_steps_are_skipped_counted_and_leave_the_state_alone(referenc
         steps.append(len(steps) + 1)
         if steps[-1] == 2:  # NaN rewards: a NaN loss
             batch["rewards"] = np.full_like(batch["rewards"], np.nan)
-        if steps[-1] == 3:  # an -inf behaviour log-prob: an infinite ratio, loss and gradient
-            lp = batch["behaviour_logprobs"].copy()
-            lp[0, 0] = -np.inf
-            batch["behaviour_logprobs"] = lp
+        if steps[-1] == 3:  # one infinite reward: its group's advantages, the loss, NaN
+            rewards = batch["rewards"].copy()
+            rewards[0] = np.inf
+            batch["rewards"] = rewards
         return batch
 
     monkeypatch.setattr(trainer, "build_batch", poisoned)

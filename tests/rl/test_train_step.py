@@ -26,8 +26,7 @@ def _batch(r: int = R, n: int = N) -> dict[str, np.ndarray]:
                 key_mask=np.ones((r, P + n), bool),
                 pred_index=np.broadcast_to(np.arange(P - 1, P + n - 1), (r, n)).astype(np.int32),
                 mask=(np.arange(n)[None] < rng.integers(2, n + 1, (r, 1))).astype(np.float32),
-                rewards=rng.integers(0, 2, r).astype(np.float32),
-                behaviour_logprobs=-rng.random((r, n)).astype(np.float32) - 6.0)
+                rewards=rng.integers(0, 2, r).astype(np.float32))
 
 
 def _capture() -> optax.GradientTransformation:
@@ -169,16 +168,44 @@ def test_without_a_kl_term_the_anchor_is_never_read():
     assert [float(x) for x in runs[1][1]["kl"]] == [0.0, 0.0]  # no reference, no "kl"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_rewards_while_the_policy_is_the_anchor_give_no_update(dtype):
+    """The first step of a run: the policy is the anchor. Its behaviour log-probs and the
+    anchor's come from one computation, so the KL is exactly 0 and a tied group gets no
+    advantage even with tied_groups="kl" (round-off between the sampler's kernels and the
+    trainer's, z-scored, used to give such groups updates of full size)."""
+    batch = _batch()
+    batch["rewards"] = np.ones_like(batch["rewards"])
+    cfg = CFG.replace(dtype=dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), models.init_params(CFG, jax.random.key(0)))
+    anchor = jax.tree.map(jnp.copy, params)
+    _, state, mets = trainer.train_step(cfg, params, OPT.init(params), anchor, batch, opt=OPT,
+                                        rl=trainer.RLConfig(num_rollouts=4, kl_mode="reward",
+                                                            tied_groups="kl", temperature=0.7))
+    grads, mets = jax.device_get((state[0], mets))
+    assert all(bool(np.all(g == 0.0)) for g in jax.tree.leaves(grads))
+    assert float(mets["kl_ref"][0]) == 0.0 and float(mets["kl_ref"][1]) == batch["mask"].sum()
+
+
+def test_one_iteration_reads_its_own_log_probs():
+    """Without a reward-level KL, a single iteration's ratio is exactly 1 (its old log-probs are
+    its own, no extra pass) and the loss-level KL is reported as kl_ref."""
+    params = models.init_params(CFG, jax.random.key(0))
+    anchor = models.init_params(CFG, jax.random.key(1))
+    _, _, mets = trainer.train_step(CFG, params, OPT.init(params), anchor, _batch(), opt=OPT,
+                                    rl=trainer.RLConfig(num_rollouts=4, kl_mode="loss"))
+    mets = {k: float(s) / float(c) for k, (s, c) in jax.device_get(mets).items()}
+    assert mets["ratio_mean"] == 1.0 and mets["clip_frac"] == 0.0 and mets["logprob_gap"] == 0.0
+    assert mets["kl_ref"] == mets["kl"] > 0
+
+
 @pytest.mark.parametrize("tied_groups", ["zero", "kl"])
 def test_tied_rewards_with_reward_level_kl(tied_groups):
     """Every rollout right: the reward-level KL differs per row. tied_groups="zero": no advantage,
-    no gradient; "kl" (verl's): the z-scored KL ranks the rollouts, a full-size update. Either
-    way padded slots' -inf behaviour log-probs leave the kl_ref metric finite."""
+    no gradient; "kl" (verl's): the z-scored KL ranks the rollouts, a full-size update."""
     batch = _batch()
     batch["rewards"] = np.ones_like(batch["rewards"])
-    padded = batch["mask"] == 0
-    assert padded.any()
-    batch["behaviour_logprobs"] = np.where(padded, -np.inf, batch["behaviour_logprobs"])
+    assert (batch["mask"] == 0).any()  # padded slots: left out of the KL
     params = models.init_params(CFG, jax.random.key(0))
     anchor = models.init_params(CFG, jax.random.key(1))  # a real KL: the policy is not the anchor
     _, state, mets = trainer.train_step(CFG, params, OPT.init(params), anchor, batch, opt=OPT,
@@ -189,3 +216,22 @@ def test_tied_rewards_with_reward_level_kl(tied_groups):
     assert all(zero) if tied_groups == "zero" else not any(zero)
     kl_sum, kl_count = (float(x) for x in mets["kl_ref"])
     assert np.isfinite(kl_sum) and kl_sum > 0 and kl_count == batch["mask"].sum()
+
+
+def test_the_update_scores_the_distribution_the_sampler_drew_from():
+    """At the sampling temperature (no top-k/p), the update's log-probs of the rollouts are the
+    sampler's; at temperature 1 they are not (what the update used to score)."""
+    from catjax import sampling
+    from catjax.cat import round as cat_round
+
+    params = models.init_params(CFG, jax.random.key(0))
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    out = sampling.sample(CFG, params, prompts, num_samples=2, max_new_tokens=6,
+                          rng=jax.random.key(3), temperature=0.5, stop_ids=(), pad_id=0)
+    batch = trainer.build_batch(cat_round.RoundResult(out, prompts, np.zeros(4, np.float32), [], {}),
+                                2, pad_id=0)
+    sampled = np.asarray(out.logprobs)
+    at_t, _ = trainer.completion_logprobs(CFG, params, batch, temperature=0.5)
+    at_1, _ = trainer.completion_logprobs(CFG, params, batch)
+    np.testing.assert_allclose(np.asarray(at_t), sampled, atol=2e-4)
+    assert np.abs(np.asarray(at_1) - sampled).max() > 0.1

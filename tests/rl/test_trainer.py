@@ -115,8 +115,7 @@ EIGHT = textwrap.dedent("""
                  key_mask=np.ones((r, p + n), bool),
                  pred_index=np.broadcast_to(np.arange(p - 1, p + n - 1), (r, n)).astype(np.int32),
                  mask=(np.arange(n)[None] < rng.integers(2, n + 1, (r, 1))).astype(np.float32),
-                 rewards=rng.integers(0, 2, r).astype(np.float32),
-                 behaviour_logprobs=-rng.random((r, n)).astype(np.float32))
+                 rewards=rng.integers(0, 2, r).astype(np.float32))
     batch["targets"] = batch["tokens"][:, p:]
     def run(mesh):
         params = models.init_params(cfg, jax.random.key(0))
@@ -164,9 +163,8 @@ def test_non_finite_update_is_skipped_and_counted():
                  positions=np.broadcast_to(np.arange(p + n), (r, p + n)).astype(np.int32),
                  key_mask=np.ones((r, p + n), bool),
                  pred_index=np.broadcast_to(np.arange(p - 1, p + n - 1), (r, n)).astype(np.int32),
-                 mask=np.ones((r, n), np.float32), rewards=np.asarray([1, 0, 1, 0], np.float32),
-                 behaviour_logprobs=np.full((r, n), -1.0, np.float32))
-    batch["behaviour_logprobs"][1, 2] = np.nan  # a poisoned log-prob in a valid position
+                 mask=np.ones((r, n), np.float32),
+                 rewards=np.asarray([1, np.nan, 1, 0], np.float32))  # a poisoned reward
     rl = trainer.RLConfig(num_rollouts=2, kl_mode="none")
     opt = optax.adamw(1e-2)
     params = models.init_params(cfg, jax.random.key(0))
