@@ -93,10 +93,12 @@ _ANSWER_IS_RE = re.compile(
     re.IGNORECASE,
 )
 _MAX_PHRASE_ANSWER = 300  # "the answer is ..." tails longer than this are prose, not answers
-# Sign only when the '-' is not a binary minus (`5-3` -> 3, `x = -3` -> -3).
+# Sign only when the '-' is not a binary minus (`5-3` -> 3, `x = -3` -> -3, `-.5`). A plain
+# `\frac{a}{b}` is one number, not its denominator.
 _LAST_NUMBER_RE = re.compile(
-    r"(?:(?<![\w)\]}.])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d])"
-    r"|(?<![\d.])\.\d+",
+    r"(?:(?<![\w)\]}.])-)?\\[dt]?frac\{\d+\}\{\d+\}"
+    r"|(?:(?<![\w)\]}.])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d])"
+    r"|(?:(?<![\w)\]}.])-)?(?<![\d.])\.\d+",
     re.ASCII,
 )
 _INLINE_MATH_RE = re.compile(r"^\$([^$]*)\$|^\\\((.*?)\\\)|^\\\[(.*?)\\\]")

@@ -314,15 +314,20 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
     return RoundResult(out, prompt_ids, rewards, records, summary)
 
 
+VERDICT_RATES = ("verdict_unparsable", "verdict_judge_errors")  # per judged pair
+
+
 def round_summary(counts: Counter, num_questions: int, group_size: int) -> dict[str, float]:
     """A round's counts as rates: `synthesis*` per question (one synthesis, one rubric each:
     `synthesis_rubric_fallbacks` is the fallback rate, `_criteria` the mean rubric size),
-    `verdict_unparsable` per judged (criterion, rollout) pair, the rest per rollout
-    (`judge_pairs`: criteria judged per rollout)."""
+    `verdict_*` per judged (criterion, rollout) pair (`verdict_unparsable`: no verdict, for any
+    reason; `verdict_judge_errors`: of those, the judge unreachable or failing), the rest per
+    rollout (`judge_pairs`: criteria judged per rollout)."""
     n = max(num_questions, 1)
     out = {k: v / (n if k.startswith("synthesis") else n * group_size) for k, v in counts.items()}
-    if "verdict_unparsable" in counts:
-        out["verdict_unparsable"] = counts["verdict_unparsable"] / max(counts["judge_pairs"], 1)
+    for k in VERDICT_RATES:
+        if k in counts:
+            out[k] = counts[k] / max(counts["judge_pairs"], 1)
     return out
 
 
@@ -358,8 +363,12 @@ def _freeform_rewards(anchor, judge, examples, groups, references, reply_lengths
             for c in crit:
                 pairs.append((c, text))
                 index.append((i, j))
+    stats = getattr(judge, "stats", None)  # a `judges.Judge` counts; a bare callable may not
+    errors_before = stats.errors if stats is not None else 0
     verdicts = judge.judge(pairs)
     metrics["judge_pairs"] += len(pairs)
+    # Pairs without a verdict because the judge was down, apart from replies with none in them.
+    metrics["verdict_judge_errors"] += (stats.errors - errors_before) if stats is not None else 0
     per_rollout: dict[tuple[int, int], list] = {}
     for key, v in zip(index, verdicts, strict=True):
         per_rollout.setdefault(key, []).append(v.met)

@@ -346,11 +346,12 @@ def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) 
     everyone = parallel.allgather_json({"m": local, "r": np.asarray(rewards, np.float32).tolist()})
     out = {k: float((np.sum if k in _ROUND_COUNTS else np.mean)([e["m"].get(k, 0.0) for e in everyone]))
            for k in sorted(set().union(*(e["m"] for e in everyone)))}
-    rate, pairs = "round/verdict_unparsable", "round/judge_pairs"
-    if rate in out:
-        weights = [e["m"].get(pairs, 0.0) for e in everyone]
-        out[rate] = float(sum(e["m"].get(rate, 0.0) * w for e, w in zip(everyone, weights, strict=True))
-                          / max(sum(weights), 1e-30))
+    pairs = "round/judge_pairs"
+    weights = [e["m"].get(pairs, 0.0) for e in everyone]
+    for rate in (f"round/{k}" for k in cat_round.VERDICT_RATES):
+        if rate in out:
+            out[rate] = float(sum(e["m"].get(rate, 0.0) * w for e, w in zip(everyone, weights, strict=True))
+                              / max(sum(weights), 1e-30))
     r = np.asarray([x for e in everyone for x in e["r"]], np.float32).reshape(-1, g)
     out.update(reward_mean=float(r.mean()), reward_std=float(r.std()),
                frac_reward_zero_std=float(np.mean(r.std(-1) == 0)))

@@ -118,6 +118,10 @@ OTHER_EXTRACTOR_CASES = [
     ("last_number", "the ratio is 3/4", "3/4"),
     ("last_number", "it costs 2.5.", "2.5"),
     ("last_number", "about .5 of it", ".5"),
+    ("last_number", "it drops by -.5", "-.5"),
+    ("last_number", "so the probability is \\frac{1}{2}", "\\frac{1}{2}"),
+    ("last_number", "x = -\\dfrac{3}{4}.", "-\\dfrac{3}{4}"),
+    ("last_number", "\\frac{x}{2}", "2"),  # not a plain fraction
     ("last_number", "no digits", None),
     ("last_number", "\uff15 fullwidth is not a digit here", None),
 ]

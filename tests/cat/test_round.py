@@ -107,12 +107,13 @@ def test_healthbench_evaluation_job(tiny, tmp_path, monkeypatch):
 
 def test_round_summary_divides_each_count_by_its_own_unit():
     counts = Counter(synthesis_rubric_fallbacks=1, synthesis_rubric_criteria=14, judge_pairs=48,
-                     verdict_unparsable=6, rollout_extract_boxed=6)
+                     verdict_unparsable=6, verdict_judge_errors=3, rollout_extract_boxed=6)
     got = cat_round.round_summary(counts, num_questions=2, group_size=4)
     assert got == {"synthesis_rubric_fallbacks": 0.5,  # 1 of 2 rubrics fell back
                    "synthesis_rubric_criteria": 7.0,  # 7 criteria a rubric
                    "judge_pairs": 6.0,  # 48 pairs over 8 rollouts
                    "verdict_unparsable": 0.125,  # 6 of 48 verdicts
+                   "verdict_judge_errors": 0.0625,  # 3 of them: the judge was down
                    "rollout_extract_boxed": 0.75}  # 6 of 8 rollouts
 
 
@@ -136,6 +137,28 @@ def test_length_penalty_adds_minus_one_past_the_limit_not_counting_the_stop_toke
                                                    ["ref"], np.asarray([12, 750, 751]), rc, counts)
     np.testing.assert_allclose(rewards, [0.4, 0.4, 0.4 - 1.0], rtol=1e-6)
     assert counts["judge_pairs"] == 15 and counts["synthesis_rubric_criteria"] == 5
+    assert counts["verdict_judge_errors"] == 0  # a judge without stats counts none
+
+
+def test_a_judge_that_is_down_is_counted_apart_from_unparsable_replies(monkeypatch):
+    def anchor_generate(anchor, rc, rng, counts=None):
+        crit = "".join(f"<criterion>c{k}</criterion>" for k in range(5))
+        return lambda convs: [f"<rubric>{crit}</rubric>"] * len(convs)
+
+    class FlakyJudge(judges.Judge):  # c0: unreachable; c1: a reply without a verdict
+        def judge(self, pairs):
+            self._count(pairs=len(pairs), errors=sum(c == "c0" for c, _ in pairs))
+            return [judges.Verdict(met=None if c in ("c0", "c1") else True) for c, _ in pairs]
+
+    monkeypatch.setattr(cat_round, "_anchor_generate", anchor_generate)
+    rc = cat_round.RoundConfig(task="freeform", num_rollouts=2)
+    ex = Example(id="h", question="q", messages=({"role": "user", "content": "q"},), answer=None,
+                 rubrics=(), meta={})
+    counts: Counter = Counter()
+    cat_round._freeform_rewards(None, FlakyJudge(), [ex], [["a", "b"]], ["ref"],
+                                np.asarray([3, 4]), rc, counts)
+    got = cat_round.round_summary(counts, num_questions=1, group_size=2)
+    assert got["verdict_unparsable"] == 0.4 and got["verdict_judge_errors"] == 0.2
 
 
 @pytest.mark.parametrize("field,value", [
