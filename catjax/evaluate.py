@@ -9,6 +9,7 @@ A gs:// workdir: the files are written to a local mirror and uploaded as they ar
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -23,17 +24,35 @@ from catjax.cat import answers, selection
 from catjax.cat import round as cat_round
 from catjax.cat.judges import Judge
 
+_log = logging.getLogger(__name__)
+
 METHODS = ("single", "majority", "min_ppl", "self_select", "mutual", "synthesis")
 
 
 def _read_done(path: str) -> dict[str, dict]:
+    """Records of the questions already evaluated. A last line cut short (the job killed, or
+    the disk full, while writing it) is dropped from the file, so that the rerun redoes that
+    question and appends whole lines; any other bad line is a one-line error naming it."""
     done: dict[str, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    done[rec["id"]] = rec
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines[-1]:  # no newline at the end: a torn write; keep the whole lines before it
+        with open(path, "r+b") as f:
+            f.truncate(len(data) - len(lines[-1]))
+        _log.warning("evaluate: %s ended in a partial record; dropped, that question is redone", path)
+    for number, line in enumerate(lines[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            done[rec["id"]] = rec
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"missing field {e}" if isinstance(e, KeyError) else "not a JSON record"
+            raise ValueError(f"{path}:{number}: {why}; delete that line (or the file) to redo "
+                             "its question") from None
     return done
 
 
@@ -226,11 +245,13 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
             batch = todo[start:start + bs]
             # Keyed by the question's position in the set: a resumed run draws the same samples.
             key = jax.random.fold_in(rng, position[batch[0].id])
-            for rec in evaluate_batch(policy, batch, key, rc, config.eval.baselines, g_values,
-                                      judge):
-                f.write(json.dumps(rec) + "\n")
-                done[rec["id"]] = rec
+            recs = evaluate_batch(policy, batch, key, rc, config.eval.baselines, g_values, judge)
+            # One write per batch, then to disk: a kill between writes leaves whole batches; a
+            # write cut short, a torn last line, which the rerun drops.
+            f.write("".join(json.dumps(rec) + "\n" for rec in recs))
             f.flush()
+            os.fsync(f.fileno())
+            done.update((rec["id"], rec) for rec in recs)
             wd.push("records.jsonl")
             bar.update(len(batch))
     recs = [done[ex.id] for ex in examples]

@@ -178,6 +178,13 @@ def test_gcs_path_goes_through_storage(tmp_path, monkeypatch):
     assert fetched == ["gs://bucket/m.jsonl"]
 
 
+def test_duplicate_ids_are_one_line_errors(tmp_path):
+    row = {"problem": "1+1?", "answer": "2", "unique_id": "u"}
+    path = _write(tmp_path, [row, {**row, "unique_id": "v"}, row])
+    with pytest.raises(ValueError, match=r"x\.jsonl: records 1 and 3 share the id 'u'"):
+        data.load(path, format="math")
+
+
 def test_load_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="format="):
         data.load(tmp_path / "x.jsonl")

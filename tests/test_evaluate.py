@@ -59,3 +59,23 @@ def test_config_errors_are_one_line(workdir):
         main.run(config, workdir)
     with pytest.raises(ValueError, match="config arg 'model_name' is unknown"):
         eval_gsm8k.get_config("model_name=x")
+
+
+def test_a_torn_last_record_is_dropped_and_redone(tmp_path):
+    from catjax import evaluate
+
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "x": 1}\n{"id": "b", "x": 2}\n{"id": "c", "x"')
+    assert set(evaluate._read_done(str(path))) == {"a", "b"}
+    assert path.read_text() == '{"id": "a", "x": 1}\n{"id": "b", "x": 2}\n'  # appends stay whole
+
+
+@pytest.mark.parametrize("bad,why", [('{"id": "b", "x"}', "records.jsonl:2: not a JSON record"),
+                                     ('{"x": 2}', "records.jsonl:2: missing field 'id'")])
+def test_a_bad_record_line_is_a_one_line_error_naming_it(tmp_path, bad, why):
+    from catjax import evaluate
+
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a"}\n' + bad + '\n{"id": "c"}\n')
+    with pytest.raises(ValueError, match=why):
+        evaluate._read_done(str(path))

@@ -90,3 +90,16 @@ def test_shipped_model_loads_and_is_small():
     m = loading.load_model(ml_collections.ConfigDict(dict(init="toy", tokenizer="")))
     assert m.cfg == toy.model_config()
     assert m.tokenizer.vocab_size == len(toy.VOCAB)
+
+
+def test_toy_task_settings_are_checked_and_a_short_task_never_hangs():
+    import time
+
+    with pytest.raises(ValueError, match=r"max_operand=12 must be in \[2, 9\]"):
+        toy_data.ToyTask(max_operand=12)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        toy_data.ToyTask(num_steps=0)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"only \d+ distinct train questions found, 50000 asked"):
+        toy_data.load("train", task=toy_data.ToyTask(num_steps=1))
+    assert time.monotonic() - t0 < 30

@@ -315,4 +315,16 @@ def load(
             raise ValueError("path= is for named sets; the file is already given")
         fmt, file = format, str(name_or_path)
     examples = READERS[fmt](file)
+    _check_unique_ids(examples, file)
     return examples if limit is None else examples[:limit]
+
+
+def _check_unique_ids(examples: list[Example], file: str) -> None:
+    """Results are kept by id (an evaluation's records, its resume): two records with one id
+    would lose one question's result and count the other's twice."""
+    first: dict[str, int] = {}
+    for i, ex in enumerate(examples, 1):
+        if ex.id in first:
+            raise ValueError(f"{file}: records {first[ex.id]} and {i} share the id {ex.id!r}; "
+                             "ids must be unique")
+        first[ex.id] = i

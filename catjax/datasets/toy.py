@@ -31,6 +31,16 @@ class ToyTask:
     slip_prob: float = 0.18  # a step's result is off by 1..3
     miscopy_prob: float = 0.07  # a step uses a different operand than the question's
 
+    def __post_init__(self):
+        # Operands are single digits: the question's text is parsed a character per operand.
+        if not (isinstance(self.num_steps, int) and self.num_steps >= 1):
+            raise ValueError(f"toy task num_steps={self.num_steps!r} must be an integer >= 1")
+        if not (isinstance(self.max_operand, int) and 2 <= self.max_operand <= 9):
+            raise ValueError(f"toy task max_operand={self.max_operand!r} must be in [2, 9]")
+        for name in ("slip_prob", "miscopy_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"toy task {name}={getattr(self, name)!r} must be in [0, 1]")
+
 
 def _steps(question: str) -> tuple[int, list[tuple[str, int]]]:
     """`37+8-5` -> (37, [('+', 8), ('-', 5)])."""
@@ -91,11 +101,18 @@ def questions(split: str, n: int, task: ToyTask = ToyTask()) -> list[str]:
     held_out = set(questions("test", TEST_SIZE, task)) if split == "train" else set()
     rng = np.random.default_rng([_SPLIT_SEEDS[split], task.num_steps, task.max_operand])
     seen: dict[str, None] = {}
-    while len(seen) < n:
+    stale = 0  # draws since the last new question: a short task runs out, never loop for ever
+    while len(seen) < n and stale <= 10_000 + n:
         q = make_question(rng, task)
-        if q not in held_out:
-            seen.setdefault(q)
-    return list(seen)
+        stale += 1
+        if q not in held_out and q not in seen:
+            seen[q] = None
+            stale = 0
+    if len(seen) == n:
+        return list(seen)
+    raise ValueError(f"toy task (num_steps={task.num_steps}, max_operand={task.max_operand}): only "
+                     f"{len(seen)} distinct {split} questions found, {n} asked; use more steps or "
+                     "a larger max_operand, or ask for fewer")
 
 
 def load(split: str = "test", limit: int | None = None, task: ToyTask = ToyTask()) -> list[Example]:

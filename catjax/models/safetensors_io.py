@@ -9,6 +9,7 @@ second full copy. The format: 8-byte little-endian header length, a JSON header
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -40,21 +41,38 @@ class SafetensorsFile:
                 raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes)")
             try:
                 header = json.loads(f.read(n))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.header = header
         self._data_start = 8 + n
         for name, info in header.items():
-            end = self._data_start + info["data_offsets"][1]
-            if end > size:
-                raise ValueError(
-                    f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} "
-                    f"of {size}"
-                )
-            if info["dtype"] not in _DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            self._check_entry(name, info, size)
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def _check_entry(self, name: str, info: object, size: int) -> None:
+        """A tensor's header entry, checked before anything is read or allocated: offsets that
+        lie in the file and hold exactly its shape's bytes."""
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"{where}: header entry needs dtype, shape and data_offsets")
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{where} has unsupported dtype {info['dtype']}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        ints = lambda xs: isinstance(xs, list) and all(  # noqa: E731
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+        if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise ValueError(f"{where}: bad shape {shape!r} or data_offsets {offsets!r}")
+        end = self._data_start + offsets[1]
+        if end > size:
+            raise ValueError(f"{self.path}: truncated safetensors file: tensor {name!r} ends at "
+                             f"byte {end} of {size}")
+        want = math.prod(shape) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+        if offsets[1] - offsets[0] != want:
+            raise ValueError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} "
+                             f"bytes, its shape {shape} needs {want}")
 
     def keys(self) -> list[str]:
         return list(self.header)

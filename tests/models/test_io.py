@@ -92,6 +92,31 @@ def test_safetensors_writer_reads_in_the_reference_library(tmp_path):
     assert loaded["b"].dtype == torch.bfloat16 and loaded["b"].float().sum() == 3
 
 
+def _safetensors_with(tmp_path, entry) -> str:
+    import json
+    import struct
+
+    blob = json.dumps({"w": entry}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(64))
+    return str(path)
+
+
+@pytest.mark.parametrize("entry,why", [
+    ({"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}, "hold 16 bytes, its shape"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "bad shape"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "bad shape"),
+    ({"dtype": "F32", "shape": [2]}, "needs dtype, shape and data_offsets"),
+    ([1, 2], "needs dtype, shape and data_offsets"),
+    ({"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}, "truncated safetensors file"),
+])
+def test_safetensors_header_entries_checked_before_reading(tmp_path, entry, why):
+    path = _safetensors_with(tmp_path, entry)
+    with pytest.raises(ValueError, match=why) as e:
+        safetensors_io.SafetensorsFile(path)
+    assert str(e.value).startswith(path)
+
+
 def test_from_pretrained_and_save_pretrained_on_gs(tmp_path, gcs_bucket, monkeypatch):  # noqa: F811
     from catjax import storage
 
