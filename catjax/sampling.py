@@ -40,10 +40,11 @@ class SamplingParams:
     top_p: float = 1.0  # 1: no nucleus truncation
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if not 0 <= self.temperature < float("inf"):  # NaN and inf too
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int | np.integer) \
+                or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
@@ -66,13 +67,37 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return -(-n // 512) * 512
 
 
+def check_token_ids(cfg: ModelConfig, seqs: Sequence[Sequence[int]], pad_id: int,
+                    where: str) -> None:
+    """Every id in [0, vocab): one outside embeds as NaN (`jnp.take`'s fill), which the
+    attention spreads to every row of the batch, silently. One line naming it instead."""
+    v = cfg.vocab_size
+    if not 0 <= int(pad_id) < v:
+        raise ValueError(f"{where}: pad_id={pad_id} is outside the vocabulary [0, {v})")
+    for i, s in enumerate(seqs):
+        if len(s) and not (int(min(s)) >= 0 and int(max(s)) < v):
+            bad = next(int(t) for t in s if not 0 <= int(t) < v)
+            raise ValueError(f"{where}: sequence {i} holds token id {bad}, outside the "
+                             f"vocabulary [0, {v})")
+
+
+def _check_context(cfg: ModelConfig, longest: int, max_new_tokens: int) -> None:
+    # Real lengths, not the bucket's: positions only reach prompt_len + N - 1.
+    if longest + max_new_tokens > cfg.max_position:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) exceeds the model's context of {cfg.max_position}")
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
                 length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad ragged prompts to a bucketed length: tokens [B, P] int32, lengths [B]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("sample: every prompt needs at least one token")
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     width = length or bucket_length(int(lengths.max()))
+    if width < int(lengths.max()):
+        raise ValueError(f"sample: prompt_length={width} is shorter than the longest prompt "
+                         f"({int(lengths.max())} tokens)")
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -130,6 +155,7 @@ def _top_k(x_bv: jax.Array, k: int,
     value). Two small sorts instead of one long one. The CPU's partial sort needs no help.
     """
     b, v = x_bv.shape
+    k = min(k, v)  # (a vocabulary below k: every entry; the block size below needs v / k >= 1)
     if block is None:
         # About sqrt(V / k) balances the two sorts (V / block maxima, k * block entries); the
         # power of two above it measured best on an H200 (k=256: 32, 175 us against 228 us
@@ -394,6 +420,9 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if isinstance(stop_ids, int | np.integer):
+        raise ValueError(f"stop_ids={stop_ids}: a sequence of token ids (e.g. tok.eos_ids), not one id")
+    check_token_ids(cfg, prompts, pad_id, "sample")
     decode_layout = decode_layout or default_decode_layout()
     if decode_layout not in DECODE_LAYOUTS:
         raise ValueError(f"decode_layout={decode_layout!r}: expected one of {DECODE_LAYOUTS}")
@@ -424,10 +453,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         dp = parallel.data_parallel_size(mesh)
         prompts = list(prompts) + [prompts[-1]] * (-len(prompts) % dp)
     tokens, lengths = pad_prompts(prompts, pad_id, prompt_length)
-    if tokens.shape[1] + max_new_tokens > cfg.max_position:
-        raise ValueError(
-            f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's context of {cfg.max_position}")
+    _check_context(cfg, int(lengths.max()), max_new_tokens)
     sp = SamplingParams(float(temperature), int(top_k), float(top_p))
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
@@ -470,10 +496,7 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
     filler = list(prompts[-1]) if prompts else [pad_id]
     padded = list(prompts) + [filler] * (per_process - len(prompts))
     tokens, lengths = pad_prompts(padded, pad_id, prompt_length or bucket_length(longest))
-    if tokens.shape[1] + max_new_tokens > cfg.max_position:
-        raise ValueError(
-            f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's context of {cfg.max_position}")
+    _check_context(cfg, longest, max_new_tokens)
     out = _sample(cfg, params, parallel.host_to_global(tokens, parallel.batch_sharding(mesh, 2)),
                   parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
                   num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,

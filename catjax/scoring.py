@@ -16,7 +16,7 @@ import numpy as np
 
 from catjax import models, parallel
 from catjax.models import ModelConfig, Params
-from catjax.sampling import bucket_length
+from catjax.sampling import bucket_length, check_token_ids
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -24,6 +24,14 @@ def _last_logits(cfg: ModelConfig, params: Params, tokens_bt, lengths_b):
     hidden = models.hidden_states(cfg, params, tokens_bt)
     last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
     return models.logits_from_hidden(cfg, params, last)[:, 0]
+
+
+def _check_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], pad_id: int,
+                  where: str) -> None:
+    """An empty prompt has no last token (index -1 would read the padding); ids in range."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(f"{where}: an empty prompt")
+    check_token_ids(cfg, prompts, pad_id, where)
 
 
 def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
@@ -40,6 +48,7 @@ def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
     """
     if groups is not None and len(groups) != len(prompts):
         raise ValueError(f"last_token_logits: {len(groups)} groups for {len(prompts)} prompts")
+    _check_inputs(cfg, prompts, pad_id, "last_token_logits")
     if is_collective(params):
         return _last_token_logits_multiprocess(cfg, params, prompts, pad_id, batch_size)
     if groups is not None:
@@ -172,6 +181,8 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
                           continuations: Sequence[Sequence[int]], pad_id: int = 0,
                           batch_size: int = 8) -> list[np.ndarray]:
     """Per-token log-probs of each continuation given its prompt (teacher forcing)."""
+    _check_inputs(cfg, prompts, pad_id, "continuation_logprobs")
+    check_token_ids(cfg, continuations, pad_id, "continuation_logprobs")
     results: list[np.ndarray] = []
     rows = _batch_rows(len(prompts), batch_size)
     for start in range(0, len(prompts), rows):

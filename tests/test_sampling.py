@@ -219,3 +219,40 @@ def test_flat_distribution_takes_the_bisection_path():
     peaked = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05] + [1e-6] * 300))
     mask = np.asarray(sampling._nucleus_mask(peaked[None], 0.9))[0]
     assert mask[:3].all() and not mask[3:].any()
+
+
+@pytest.mark.parametrize("v", [8, 64, 65])
+def test_top_p_on_a_small_vocabulary_on_the_accelerator_path(v):
+    """Fewer tokens than the 256 nucleus candidates: the block size must not go negative."""
+    logits = jnp.log(jnp.linspace(1.0, 2.0, v))[None].repeat(2, 0)
+    with mock.patch.object(sampling, "_on_cpu", return_value=False):
+        got = np.asarray(jax.jit(lambda x: sampling._nucleus_mask(x, 0.75))(logits))
+    np.testing.assert_array_equal(got, _sorted_nucleus(np.asarray(logits), 0.75))
+
+
+def test_bad_sampler_inputs_are_one_line_errors():
+    cfg = models.get_preset("tiny_qwen3")
+    params = models.init_params(cfg, jax.random.key(0))
+    kw = dict(max_new_tokens=4, rng=jax.random.key(0))
+    cases = [
+        (dict(prompts=PROMPTS, pad_id=cfg.vocab_size), r"pad_id=\d+ is outside the vocabulary"),
+        (dict(prompts=[[5, 6], [7, cfg.vocab_size + 3]]), r"sequence 1 holds token id \d+, outside"),
+        (dict(prompts=[[5, -1]]), "sequence 0 holds token id -1"),
+        (dict(prompts=PROMPTS, stop_ids=2), "stop_ids=2: a sequence of token ids"),
+        (dict(prompts=PROMPTS, temperature=float("nan")), "temperature=nan must be a finite"),
+        (dict(prompts=PROMPTS, prompt_length=8), "prompt_length=8 is shorter than the longest"),
+        (dict(prompts=np.asarray([[]], np.int32)), "every prompt needs at least one token"),
+    ]
+    for args, want in cases:
+        with pytest.raises(ValueError, match=want):
+            sampling.sample(cfg, params, **{**kw, **args})
+
+
+def test_the_context_limit_counts_real_prompt_tokens_not_the_bucket():
+    cfg = models.get_preset("tiny_qwen3").replace(max_position=40)
+    params = models.init_params(cfg, jax.random.key(0))
+    out = sampling.sample(cfg, params, [[5] * 17], max_new_tokens=20, rng=jax.random.key(0),
+                          temperature=0.0)  # 17 + 20 fits 40, though 17 pads to a 32 bucket
+    assert int(out.lengths[0]) == 20
+    with pytest.raises(ValueError, match=r"longest prompt \(17 tokens\) \+ max_new_tokens \(24\)"):
+        sampling.sample(cfg, params, [[5] * 17], max_new_tokens=24, rng=jax.random.key(0))

@@ -49,3 +49,16 @@ def test_grouped_prompts_share_their_prefix_with_the_same_logits():
     assert np.abs(want).max() > 1e-3  # not all zeros
     with pytest.raises(ValueError, match="3 groups for 14 prompts"):
         scoring.last_token_logits(cfg, params, prompts, groups=groups[:3])
+
+
+def test_empty_prompts_and_out_of_vocabulary_ids_are_one_line_errors():
+    cfg = models.get_preset("tiny_qwen3")
+    params = models.init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="last_token_logits: an empty prompt"):
+        scoring.last_token_logits(cfg, params, [[], [5, 6]])
+    with pytest.raises(ValueError, match="continuation_logprobs: an empty prompt"):
+        scoring.continuation_logprobs(cfg, params, [[]], [[7, 8]])
+    with pytest.raises(ValueError, match=r"last_token_logits: pad_id=\d+ is outside"):
+        scoring.last_token_logits(cfg, params, [[5, 6]], pad_id=cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"continuation_logprobs: sequence 0 holds token id"):
+        scoring.continuation_logprobs(cfg, params, [[5]], [[cfg.vocab_size]])
