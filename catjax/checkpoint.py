@@ -353,6 +353,51 @@ class Checkpointer:
         out = self._bounded(f"restore of step {step}", lambda: self._mgr.restore(step, args=args))
         return out[STATE], _decode_meta(out[META] or {})
 
+    def restore_item(self, key: str, abstract: Any, step: int | None = None) -> Any:
+        """One top-level entry of the saved state (e.g. "params") alone, the others (optimizer
+        state, anchor: 3x the parameters for AdamW) never read. `abstract` as in `restore`; its
+        shapes must be the saved ones (checked first: Orbax would pad or cut a different shape)."""
+        ocp = self._ocp
+        self.wait()
+        steps = self._bounded("listing", self._finalized_steps)
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step} (have {steps})")
+        saved = self._bounded(f"restore of step {step}",
+                              lambda: self._mgr.item_metadata(step)[STATE].tree)
+        if key not in saved:
+            raise ValueError(f"{self.directory}: checkpoint has no {key!r} item")
+        abstract = jax.tree.map(lambda a: _abstract_leaf(
+            a if isinstance(a, jax.ShapeDtypeStruct | jax.Array)
+            else jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)), abstract)
+        try:
+            same = (jax.tree.map(lambda m: tuple(m.shape), saved[key])
+                    == jax.tree.map(lambda a: tuple(a.shape), abstract))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(f"{self.directory}: the checkpoint's {key!r} do not match the "
+                             "expected structure and shapes")
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+            sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract)
+
+        def read() -> Any:
+            # A reader of its own: the partial restore needs the PyTree handler (same format).
+            mgr = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(
+                    create=False, cleanup_tmp_directories=False),
+                item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+            try:
+                args = ocp.args.PyTreeRestore({key: abstract}, restore_args={key: restore_args},
+                                              partial_restore=True)
+                return mgr.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE][key]
+            finally:
+                mgr.close()
+
+        return self._bounded(f"restore of {key!r} at step {step}", read)
+
     def close(self) -> None:
         """Wait for pending writes, then release Orbax's threads. Idempotent."""
         if self._closed:

@@ -69,21 +69,23 @@ def load_model(mc: Any, seed: int = 0) -> cat_round.Model:
 
 
 def params_from_checkpoint(directory: str, like: Any) -> Any:
-    """The policy parameters of a catjax checkpoint (a trainer's `WORKDIR/checkpoints`).
+    """The policy parameters of a catjax checkpoint (a trainer's `WORKDIR/checkpoints`), laid
+    out and typed as `like`; only they are read, not the optimizer state or the anchor.
 
     The architecture comes from `model.init`; shapes must match it, checked leaf by leaf.
     """
     from catjax import checkpoint
 
-    state, meta = checkpoint.Checkpointer(directory, async_save=False).restore()
-    if "params" not in state:
-        raise ValueError(f"{directory}: checkpoint has no 'params' item")
-    got = state["params"]
-    want_shapes = jax.tree.map(lambda a: a.shape, like)
-    got_shapes = jax.tree.map(lambda a: a.shape, got)
-    if want_shapes != got_shapes:
-        raise ValueError(f"{directory}: checkpoint parameters do not match model.init's architecture")
-    return jax.tree.map(lambda a, b: jax.numpy.asarray(a, b.dtype), got, like)
+    ckpt = checkpoint.Checkpointer(directory, async_save=False)
+    try:
+        return ckpt.restore_item("params", like)
+    except ValueError as e:
+        if "do not match" in str(e):
+            raise ValueError(f"{directory}: checkpoint parameters do not match model.init's "
+                             "architecture") from None
+        raise
+    finally:
+        ckpt.close()
 
 
 def round_config(rc: Any) -> cat_round.RoundConfig:

@@ -455,3 +455,32 @@ def test_a_relative_directory_works(tmp_path, monkeypatch):
     state, meta = Checkpointer("runs/x/checkpoints").restore()
     np.testing.assert_array_equal(state["w"], np.arange(3.0))
     assert meta["step"] == 1 and (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
+
+
+def test_restore_item_reads_one_entry_as_asked(tmp_path):
+    state = {"params": {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4)},
+             "anchor": {"w": jnp.zeros((3, 4))}, "opt_state": {"mu": jnp.ones(5)}}
+    with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(2, state)
+        got = ckpt.restore_item("params", {"w": np.zeros((3, 4), jnp.bfloat16)})
+        assert got["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got["w"], np.float32), np.asarray(state["params"]["w"]))
+        with pytest.raises(ValueError, match="'params' do not match"):
+            ckpt.restore_item("params", {"w": np.zeros((4, 4), np.float32)})
+        with pytest.raises(ValueError, match="has no 'policy' item"):
+            ckpt.restore_item("policy", {"w": np.zeros((3, 4), np.float32)})
+
+
+def test_params_from_checkpoint_loads_the_policy_of_a_training_run(tmp_path):
+    from catjax import loading, models
+
+    cfg = models.get_preset("tiny_qwen3")
+    like = models.init_params(cfg, jax.random.key(0))
+    trained = jax.tree.map(lambda a: a + 1, like)
+    with Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(3, {"params": trained, "anchor": like, "opt_state": {"count": jnp.zeros(())}})
+    got = loading.params_from_checkpoint(str(tmp_path), like)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(trained))
+    other = models.init_params(cfg.replace(num_layers=cfg.num_layers + 1), jax.random.key(0))
+    with pytest.raises(ValueError, match="do not match model.init's architecture"):
+        loading.params_from_checkpoint(str(tmp_path), other)
