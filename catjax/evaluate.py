@@ -217,6 +217,38 @@ def plot_accuracy_vs_g(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+# What a question's record depends on; `eval.batch_size` only groups the work.
+_RECORD_INPUTS = ("model", "round", "data", "eval", "judge", "seed")
+
+
+def _record_inputs(config: Any) -> dict:
+    out = {}
+    for key in _RECORD_INPUTS:
+        value = config.get(key)
+        out[key] = value.to_dict() if hasattr(value, "to_dict") else value
+    if isinstance(out.get("eval"), dict):
+        out["eval"].pop("batch_size", None)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _check_same_inputs(wd: storage.Workdir, config: Any, has_records: bool) -> None:
+    """Records made under another model, G, dataset or seed would be reused as if they were
+    this run's (nothing would be sampled again): refused in one line, before any weights load.
+    The inputs are kept in `record_inputs.json` beside the records."""
+    path, want = wd.file("record_inputs.json"), _record_inputs(config)
+    if has_records and wd.pull("record_inputs.json"):
+        with open(path) as f:
+            had = json.load(f)
+        if had != want:
+            differ = sorted(k for k in set(had) | set(want) if had.get(k) != want.get(k))
+            raise ValueError(f"{wd.url('records.jsonl')} was written with another config "
+                             f"({', '.join(differ)} differ): use a new workdir, or delete the "
+                             "records to redo them")
+    with open(path, "w") as f:
+        json.dump(want, f, indent=1, sort_keys=True)
+    wd.push("record_inputs.json")
+
+
 def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
         judge: Judge | None = None) -> dict:
     """The evaluation job behind `python -m catjax.main --config=configs/eval_*.py`."""
@@ -224,10 +256,12 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
 
     wd = storage.Workdir(workdir)
     os.makedirs(wd.local, exist_ok=True)
-    wd.pull("records.jsonl")  # gs://: resume from the bucket's records (fails fast, before any weights)
+    # gs://: resume from the bucket's records (fails fast, before any weights).
+    has_records = wd.pull("records.jsonl")
+    rc = loading.round_config(config.round)  # a config error first, then a workdir mismatch
+    _check_same_inputs(wd, config, has_records)
     if policy is None:
         policy = loading.load_model(config.model, seed=config.seed)
-    rc = loading.round_config(config.round)
     if rc.task == "freeform" and judge is None:
         judge = loading.make_judge(config.judge, policy, config.seed)
     examples = data.load(config.data.name, split=config.data.split, path=config.data.get("path"),

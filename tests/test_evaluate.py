@@ -79,3 +79,21 @@ def test_a_bad_record_line_is_a_one_line_error_naming_it(tmp_path, bad, why):
     path.write_text('{"id": "a"}\n' + bad + '\n{"id": "c"}\n')
     with pytest.raises(ValueError, match=why):
         evaluate._read_done(str(path))
+
+
+def test_records_of_another_config_are_refused_before_any_weights_load(tmp_path, monkeypatch):
+    from catjax import evaluate, loading, storage
+
+    wd = tmp_path / "eval"
+    wd.mkdir()
+    (wd / "records.jsonl").write_text('{"id": "a"}\n')
+    config = _config(2)
+    evaluate._check_same_inputs(storage.Workdir(str(wd)), config, True)  # kept beside them
+    assert (wd / "record_inputs.json").exists()
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    config.round.num_rollouts = 8
+    with pytest.raises(ValueError, match=r"written with another config \(round differ\)"):
+        main.run(config, str(wd))
+    config.round.num_rollouts = 4
+    config.eval.batch_size = 7  # grouping only: still the same records
+    evaluate._check_same_inputs(storage.Workdir(str(wd)), config, True)
