@@ -18,11 +18,10 @@ from catjax.cat.judges import Judge, Verdict
 from catjax.models import ModelConfig, Params
 
 
-def _answer_token(tokenizer: Any, word: str) -> int:
-    """The first token of `word` written right after the `<verdict>` prefill. Encoded in that
-    context: alone, a sentencepiece model that marks word starts gives "yes" a bare "▁" first
-    (then p(yes) would be the probability of a space)."""
-    before = tokenizer.encode(prompts.JUDGE_PREFILL)
+def _answer_token(tokenizer: Any, before: list[int], word: str) -> int:
+    """The first token of `word` written right after the `<verdict>` prefill (`before`, its
+    ids). Encoded in that context: alone, a sentencepiece model that marks word starts gives
+    "yes" a bare "▁" first (then p(yes) would be the probability of a space)."""
     after = tokenizer.encode(prompts.JUDGE_PREFILL + word)
     if len(after) > len(before) and after[:len(before)] == before:
         return after[len(before)]
@@ -43,8 +42,8 @@ class LocalJudge(Judge):
         self.chat_kwargs = chat_kwargs or {}
         self.prefill = tokenizer.encode(prompts.JUDGE_PREFILL)
         # Both spellings a model may use right after the tag; probabilities are summed.
-        self.yes_ids = sorted({_answer_token(tokenizer, w) for w in ("yes", "Yes")})
-        self.no_ids = sorted({_answer_token(tokenizer, w) for w in ("no", "No")})
+        self.yes_ids = sorted({_answer_token(tokenizer, self.prefill, w) for w in ("yes", "Yes")})
+        self.no_ids = sorted({_answer_token(tokenizer, self.prefill, w) for w in ("no", "No")})
         if set(self.yes_ids) & set(self.no_ids):
             raise ValueError("judge tokenizer gives 'yes' and 'no' the same first token")
 

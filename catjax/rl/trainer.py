@@ -337,9 +337,8 @@ def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) 
 
     Every process holds as many questions, so the mean over processes of a per-question or
     per-rollout mean is the global mean (a count absent on a process is 0 there); counts
-    (`_ROUND_COUNTS`) add up; the verdict
-    rate, per judged pair, is weighted by each process's pairs; the reward statistics are
-    recomputed from all rewards, in global row order.
+    (`_ROUND_COUNTS`) add up; the verdict rates, per judged pair, are weighted by each process's
+    pairs; the reward statistics are recomputed from all rewards, in global row order.
     """
     if jax.process_count() == 1:
         return local
