@@ -61,7 +61,8 @@ def evaluate_batch(policy: cat_round.Model, examples: Sequence[Any], rng: jax.Ar
                    judge: Judge | None = None) -> list[dict]:
     """One CaT round (policy = anchor, as at test time) plus the baselines, per question."""
     k_round, k_sel, k_sub = jax.random.split(rng, 3)
-    res = cat_round.run_round(policy, policy, examples, k_round, rc, judge)
+    res = cat_round.run_round(policy, policy, examples, k_round, rc, judge,
+                              rollout_logprobs="min_ppl" in baselines)
     g = rc.num_rollouts
     groups = [r["rollouts"] for r in res.records]
     picks: dict[str, list[int]] = {"single": selection.single_sample(len(examples))}

@@ -171,7 +171,7 @@ UNEVEN = textwrap.dedent("""
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]]
     mine = prompts[:3] if pid == 0 else prompts[3:]  # 3 prompts here, 1 there
     kw = dict(num_samples=2, max_new_tokens=6, rng=jax.random.key(3), temperature=0.9, top_p=0.9,
-              stop_ids=(3,))
+              stop_ids=(3,), logprobs=True)
     out = sampling.sample(cfg, shared, mine, **kw)
     # The global batch: 3 prompts per process, process 1's padded with its last one. The same
     # batch on this process's device alone draws the same tokens.

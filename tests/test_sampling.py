@@ -42,7 +42,7 @@ def test_logprobs_equal_a_full_forward_recomputation(hf_pair):
     _, cfg, params = hf_pair
     out = sampling.sample(cfg, params, PROMPTS, num_samples=3, max_new_tokens=16,
                           rng=jax.random.key(1), temperature=0.8, top_k=40, top_p=0.9,
-                          stop_ids=(STOP,))
+                          stop_ids=(STOP,), logprobs=True)
     rows = sampling.completions(out, strip_stop=False)
     mlp = np.asarray(out.model_logprobs)
     lp = np.asarray(out.logprobs)
@@ -66,7 +66,7 @@ def test_a_prompt_longer_than_one_prefill_block_gives_the_forward_pass_logprobs(
     prompts = [long_prompt, PROMPTS[1]]
     assert sampling.bucket_length(300) > sampling.default_prefill_chunk()
     out = sampling.sample(cfg, params, prompts, num_samples=2, max_new_tokens=6,
-                          rng=jax.random.key(2), temperature=1.0, stop_ids=())
+                          rng=jax.random.key(2), temperature=1.0, stop_ids=(), logprobs=True)
     mlp = np.asarray(out.model_logprobs)
     for r, gen in enumerate(sampling.completions(out)):
         prompt = prompts[r // 2]
@@ -81,7 +81,7 @@ def test_every_decode_layout_draws_the_same_samples(preset):
     cfg = models.get_preset(preset)
     params = models.init_params(cfg, jax.random.key(0))
     kw = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_p=0.95, stop_ids=(3,),
-              rng=jax.random.key(5))
+              rng=jax.random.key(5), logprobs=True)
     ref = sampling.sample(cfg, params, PROMPTS, decode_layout="scan", **kw)
     # Windows of 3 and 5: generated blocks 3, 3, 6 and 5, 5, 2, each attended from its own loop.
     for layout, window in (("unrolled", 0), ("weights_first", 0), ("rows_first", 3),
@@ -132,6 +132,10 @@ def _empirical(logits, sp, n=20000):
     # The plain model's log-prob of each drawn token, whatever the temperature and truncation.
     want = np.asarray(jax.nn.log_softmax(logits))[np.asarray(toks)]
     np.testing.assert_allclose(np.asarray(model_lps), want, atol=1e-5)
+    # Without log-probs, the same draw.
+    bare = jax.jit(lambda b, k: sampling.draw(b, k, sp, logprobs=False))(batch, keys[0])
+    np.testing.assert_array_equal(np.asarray(bare[0]), np.asarray(toks))
+    assert bare[1:] == (None, None)
     return np.bincount(np.asarray(toks), minlength=logits.shape[0]) / n, np.asarray(lps), toks
 
 
@@ -256,3 +260,50 @@ def test_the_context_limit_counts_real_prompt_tokens_not_the_bucket():
     assert int(out.lengths[0]) == 20
     with pytest.raises(ValueError, match=r"longest prompt \(17 tokens\) \+ max_new_tokens \(24\)"):
         sampling.sample(cfg, params, [[5] * 17], max_new_tokens=24, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("v", [8, 640, 20011])
+def test_blocked_argmax_is_jnp_argmax(v):
+    """First maximum on ties (across and within blocks), -inf rows, bf16; vocabularies below
+    one block, dividing into blocks of 128 and padded to blocks of 256. NaN logits (a broken
+    model) give some token of the vocabulary: XLA:CPU's max does not always propagate NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, v)).astype(np.float32)
+    x[1, [v - 1, v // 2, 3]] = 9.0  # ties: the first one wins
+    x[2, :] = -np.inf
+    x[3, [v // 3, v - 2]] = np.nan
+    x[4, :] = 1.0
+    for arr in (jnp.asarray(x), jnp.asarray(x, jnp.bfloat16)):
+        got = np.asarray(jax.jit(sampling.argmax)(arr))
+        finite = [0, 1, 2, 4, 5]
+        np.testing.assert_array_equal(got[finite], np.asarray(jnp.argmax(arr, axis=-1))[finite])
+        assert got.dtype == np.int32 and 0 <= got[3] < v
+    assert got[1] == 3 and got[2] == got[4] == 0
+
+
+def test_row_blocks_divide_the_vocabulary_when_they_can():
+    assert [sampling._row_block(v) for v in (49152, 151936, 128256, 262144, 192, 20011, 8)] == \
+        [256, 128, 256, 256, 64, 256, 256]
+
+
+@pytest.mark.parametrize("sp", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 5, 0.9), (0.8, 0, 0.9)])
+def test_log_probs_are_optional_and_change_no_token(sp):
+    cfg = models.get_preset("tiny_qwen3")
+    params = models.init_params(cfg, jax.random.key(0))
+    t, k, p = sp
+    kw = dict(num_samples=3, max_new_tokens=10, rng=jax.random.key(4), temperature=t, top_k=k,
+              top_p=p, stop_ids=(3,))
+    bare = sampling.sample(cfg, params, PROMPTS, **kw)
+    full = sampling.sample(cfg, params, PROMPTS, logprobs=True, **kw)
+    np.testing.assert_array_equal(np.asarray(bare.tokens), np.asarray(full.tokens))
+    np.testing.assert_array_equal(np.asarray(bare.lengths), np.asarray(full.lengths))
+    assert bare.logprobs is None and bare.model_logprobs is None
+    assert full.logprobs.shape == full.model_logprobs.shape == full.tokens.shape
+    # The model's log-probs, against a forward pass over prompt + completion.
+    for r, gen in enumerate(sampling.completions(full, strip_stop=False)):
+        prompt = PROMPTS[r // 3]
+        logp = jax.nn.log_softmax(models.forward(cfg, params, jnp.asarray([prompt + gen]))[0], -1)
+        want = np.asarray(logp[len(prompt) - 1:-1][np.arange(len(gen)), gen])
+        np.testing.assert_allclose(np.asarray(full.model_logprobs)[r, :len(gen)], want, atol=1e-4)
+        if t == 1.0:  # the sampling law is the model's
+            np.testing.assert_allclose(np.asarray(full.logprobs)[r, :len(gen)], want, atol=1e-4)

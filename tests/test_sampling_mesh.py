@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     params = models.init_params(cfg, jax.random.key(0))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
     kw = dict(num_samples=2, max_new_tokens=12, rng=jax.random.key(3), temperature=0.9,
-              top_p=0.9, stop_ids=(3,))
+              top_p=0.9, stop_ids=(3,), logprobs=True)
     single = sampling.sample(cfg, params, prompts, **kw)
     mesh = parallel.make_mesh()
     assert mesh.shape["data"] == 4

@@ -262,8 +262,10 @@ def synthesize(anchor: Model, rollout_texts: Sequence[Sequence[str]], task: str,
 
 
 def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Array,
-              rc: RoundConfig, judge: Judge | None = None) -> RoundResult:
-    """Rollouts, synthesis and rewards for a batch of questions."""
+              rc: RoundConfig, judge: Judge | None = None,
+              rollout_logprobs: bool = False) -> RoundResult:
+    """Rollouts, synthesis and rewards for a batch of questions. `rollout_logprobs`: the
+    rollouts' log-probs too (`sampling.sample(logprobs=True)`; the update scores its own)."""
     g = rc.num_rollouts
     k_roll, k_syn = jax.random.split(rng)
     tok = policy.tokenizer
@@ -278,7 +280,7 @@ def run_round(policy: Model, anchor: Model, examples: Sequence[Any], rng: jax.Ar
     out = sampling.sample(policy.cfg, policy.params, prompt_ids, num_samples=g,
                           max_new_tokens=rc.max_new_tokens, rng=k_roll,
                           temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-                          stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+                          stop_ids=tok.eos_ids, pad_id=tok.pad_id, logprobs=rollout_logprobs)
     flat = [tok.decode(ids) for ids in sampling.completions(out)]
     faults.point("rollout")  # crash tests only (CATJAX_FAULT); a no-op otherwise
     groups = [flat[i * g:(i + 1) * g] for i in range(len(examples))]

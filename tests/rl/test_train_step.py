@@ -227,7 +227,8 @@ def test_the_update_scores_the_distribution_the_sampler_drew_from():
     params = models.init_params(CFG, jax.random.key(0))
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     out = sampling.sample(CFG, params, prompts, num_samples=2, max_new_tokens=6,
-                          rng=jax.random.key(3), temperature=0.5, stop_ids=(), pad_id=0)
+                          rng=jax.random.key(3), temperature=0.5, stop_ids=(), pad_id=0,
+                          logprobs=True)
     batch = trainer.build_batch(cat_round.RoundResult(out, prompts, np.zeros(4, np.float32), [], {}),
                                 2, pad_id=0)
     sampled = np.asarray(out.logprobs)
