@@ -137,6 +137,10 @@ def _hb(**change) -> dict:
         ("math", {"problem": 5, "answer": "2"}, "field 'problem' must be str, got int"),
         ("math", {"problem": "  ", "answer": "2"}, "field 'problem' is empty"),
         ("math", {"problem": "x", "answer": "2", "level": 2.5}, "field 'level' must be int or str"),
+        ("math", {"problem": "x", "answer": True}, "field 'answer' must be str, got bool"),
+        ("math", {"problem": "x", "answer": ["2"]}, "field 'answer' must be str, got list"),
+        ("math", '{"problem": "x", "answer": NaN}', "field 'answer' is nan, not a finite number"),
+        ("math", {"problem": "x", "answer": " "}, "field 'answer' is empty"),
         ("gsm8k", {"question": "x", "answer": "no gold here"}, "field 'answer': no '####'"),
         ("gsm8k", {"answer": "#### 2"}, "missing field 'question'"),
         ("healthbench", _hb(prompt="Hi?"), "field 'prompt' must be list, got str"),
@@ -183,6 +187,33 @@ def test_duplicate_ids_are_one_line_errors(tmp_path):
     path = _write(tmp_path, [row, {**row, "unique_id": "v"}, row])
     with pytest.raises(ValueError, match=r"x\.jsonl: records 1 and 3 share the id 'u'"):
         data.load(path, format="math")
+
+
+def test_numeric_gold_answers_are_read_as_text(tmp_path):
+    """AMC 23 stores its answers as JSON numbers (27.0)."""
+    rows = [{"problem": f"q{i}", "answer": a} for i, a in enumerate([27.0, 3159, -4, 0.5, 1e-3])]
+    assert [ex.answer for ex in data.load(_write(tmp_path, rows), format="math")] == \
+        ["27", "3159", "-4", "0.5", "0.001"]
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("math", {"problem": "x", "answer": ""}),
+    ("math", {"problem": "x", "answer": None}),
+    ("math", {"problem": "x"}),
+    ("gsm8k", {"question": "x", "answer": "no gold here"}),
+    ("gsm8k", {"question": "x"}),
+])
+def test_training_reads_questions_without_gold(tmp_path, fmt, row):
+    """CaT-RL never reads gold (MATH's train split has a row whose answer is empty): with
+    require_answers=False such a row is a question with answer None; by default, an error."""
+    path = _write(tmp_path, [_GOOD[fmt], row])
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: (missing )?field 'answer'"):
+        data.load(path, format=fmt)
+    got = data.load(path, format=fmt, require_answers=False)
+    assert got[0].answer is not None and got[1].answer is None and got[1].question == "x"
+    with pytest.raises(ValueError, match="field 'problem' is empty"):  # other fields stay strict
+        data.load(_write(tmp_path, [{"problem": "", "answer": ""}]), format="math",
+                  require_answers=False)
 
 
 def test_load_argument_errors(tmp_path):

@@ -35,7 +35,8 @@ GOOD = {"problem": "What is 1 + 1?", "answer": "2"}
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "malformed.jsonl").write_text(json.dumps(GOOD) + '\n{"problem": "x", "answer": \n')
-    (d / "missing.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps({"problem": "x"}) + "\n")
+    # (Training takes a question without gold: a missing problem is what stops it.)
+    (d / "missing.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps({"answer": "x"}) + "\n")
     (d / "empty.jsonl").write_text("")
     cfg = models.get_preset("tiny_qwen3")
     for name in ("truncated", "missing_tensor", "wrong_shape"):
@@ -91,7 +92,7 @@ def _tiny(**changes):
 
 
 @pytest.mark.parametrize(("changes", "want"), [
-    ({"data.path": "{d}/missing.jsonl"}, "{d}/missing.jsonl:2: missing field 'answer'"),
+    ({"data.path": "{d}/missing.jsonl"}, "{d}/missing.jsonl:2: missing field 'problem'"),
     ({"data.path": "{d}/empty.jsonl"}, "{d}/empty.jsonl: empty file, no records"),
     ({"data.limit": 0}, "0 examples do not fill one batch of config.batch_size=2"),
     ({"data.path": "{d}/nowhere.jsonl"}, "nowhere.jsonl"),

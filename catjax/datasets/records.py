@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -126,8 +127,23 @@ def _level(value: int | str) -> int | str:
     return value
 
 
-def read_math(path: str | os.PathLike[str]) -> list[Example]:
-    """MATH-500 / MATH JSONL: `problem`, `answer`; `unique_id`, `subject` (MATH: `type`), `level` optional."""
+def _math_answer(row: Mapping[str, Any], where: str, required: bool) -> str | None:
+    """The gold `answer`: a string, or a JSON number (AMC 23 stores 27.0: read as "27").
+    Missing, null or blank is an error when `required`, else None (CaT-RL never reads gold;
+    MATH's train split has a row whose answer is empty)."""
+    value = row.get("answer")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: field 'answer' is {value}, not a finite number")
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    if not required and (value is None or (isinstance(value, str) and not value.strip())):
+        return None
+    return _field(row, "answer", str, where)
+
+
+def read_math(path: str | os.PathLike[str], require_answers: bool = True) -> list[Example]:
+    """MATH-500 / MATH JSONL: `problem`, `answer` (string or number; see `_math_answer`);
+    `unique_id`, `subject` (MATH: `type`), `level` optional."""
     out = []
     stem = Path(str(path)).stem
     for no, where, row in _rows(path):
@@ -145,7 +161,7 @@ def read_math(path: str | os.PathLike[str]) -> list[Example]:
             Example(
                 id=uid or f"math/{stem}/{no - 1}",
                 question=_field(row, "problem", str, where),
-                answer=_field(row, "answer", str, where),
+                answer=_math_answer(row, where, require_answers),
                 meta=meta,
             )
         )
@@ -163,17 +179,21 @@ def gsm8k_gold(solution: str) -> str:
     return gold
 
 
-def read_gsm8k(path: str | os.PathLike[str]) -> list[Example]:
-    """GSM8K JSONL: `question`, and `answer` = worked solution ending "#### <gold>" (only the gold kept)."""
+def read_gsm8k(path: str | os.PathLike[str], require_answers: bool = True) -> list[Example]:
+    """GSM8K JSONL: `question`, and `answer` = worked solution ending "#### <gold>" (only the gold
+    kept; without `require_answers`, a missing, empty or unmarked one is None)."""
     out = []
     stem = Path(str(path)).stem
     for no, where, row in _rows(path):
         question = _field(row, "question", str, where)
-        solution = _field(row, "answer", str, where)
+        solution = _field(row, "answer", str, where, optional=not require_answers,
+                          allow_empty=not require_answers)
         try:
-            gold = gsm8k_gold(solution)
+            gold = gsm8k_gold(solution) if solution else None
         except ValueError as e:
-            raise ValueError(f"{where}: field 'answer': {e}") from None
+            if require_answers:
+                raise ValueError(f"{where}: field 'answer': {e}") from None
+            gold = None
         out.append(Example(id=f"gsm8k/{stem}/{no - 1}", question=question, answer=gold))
     return out
 
@@ -201,9 +221,10 @@ def _rubric(raw: Any, where: str, label: str) -> dict[str, Any]:
     }
 
 
-def read_healthbench(path: str | os.PathLike[str]) -> list[Example]:
+def read_healthbench(path: str | os.PathLike[str], require_answers: bool = True) -> list[Example]:
     """HealthBench JSONL (see shared/data/healthbench/FORMAT.md): `prompt_id`, `prompt` (chat ending with
-    a user turn), `rubrics`; optional `example_tags`, `ideal_completions_data`, `canary`."""
+    a user turn), `rubrics`; optional `example_tags`, `ideal_completions_data`, `canary`. (Its
+    ideal completion is always optional: `require_answers` is for the math readers.)"""
     out = []
     for _, where, row in _rows(path):
         prompt_id = _field(row, "prompt_id", str, where)
@@ -246,7 +267,7 @@ def read_healthbench(path: str | os.PathLike[str]) -> list[Example]:
     return out
 
 
-READERS: dict[str, Callable[[str | os.PathLike[str]], list[Example]]] = {
+READERS: dict[str, Callable[..., list[Example]]] = {
     "math": read_math,
     "gsm8k": read_gsm8k,
     "healthbench": read_healthbench,
@@ -291,10 +312,12 @@ def load(
     *,
     format: str | None = None,
     path: str | os.PathLike[str] | None = None,
+    require_answers: bool = True,
 ) -> list[Example]:
     """Examples of a named set ("math500", "gsm8k", "healthbench") or of a JSONL file with format=
     ("math", "gsm8k", "healthbench"), local or gs://. `limit` keeps the first records in file order
-    (the whole file is still validated)."""
+    (the whole file is still validated). `require_answers=False` (training, which never reads
+    gold) takes math rows without a gold answer, as `answer=None`, instead of refusing the file."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if str(name_or_path) in ("toy", "arith"):
@@ -314,7 +337,7 @@ def load(
         if path:
             raise ValueError("path= is for named sets; the file is already given")
         fmt, file = format, str(name_or_path)
-    examples = READERS[fmt](file)
+    examples = READERS[fmt](file, require_answers=require_answers)
     _check_unique_ids(examples, file)
     return examples if limit is None else examples[:limit]
 

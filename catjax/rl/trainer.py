@@ -310,26 +310,31 @@ def _round_metrics(res: cat_round.RoundResult, g: int) -> dict[str, float]:
            "frac_reward_zero_std": float(np.mean(r.std(-1) == 0)),
            "response_length": float(lengths.mean()),
            **{f"round/{k}": v for k, v in res.metrics.items()}}
-    gold = [(rec, rec.get("gold")) for rec in res.records]
-    if res.records and "reference_answer" in res.records[0] and all(gd is not None for _, gd in gold):
-        from catjax.cat import answers
+    if not res.records or "reference_answer" not in res.records[0]:  # math rounds only
+        return out
+    from catjax.cat import answers
 
+    maj = [answers.majority_vote(rec["rollout_answers"]) for rec in res.records]
+    out["synthesis_vs_majority_disagree"] = float(np.mean([
+        m is not None and rec["reference_answer"] is not None
+        and answers.normalize(m) != answers.normalize(rec["reference_answer"])
+        for rec, m in zip(res.records, maj, strict=True)]))
+    # Monitoring only (the reward never sees gold): over the questions that have one.
+    gold = [(rec, rec["gold"]) for rec in res.records if rec.get("gold") is not None]
+    if gold:
+        out["gold_questions"] = float(len(gold))
         out["reward_accuracy"] = float(np.mean([
             rec["reference_answer"] is not None and answers.equivalent(rec["reference_answer"], gd)
             for rec, gd in gold]))
         out["rollout_accuracy"] = float(np.mean([
             a is not None and answers.equivalent(a, gd)
             for rec, gd in gold for a in rec["rollout_answers"]]))
-        maj = [answers.majority_vote(rec["rollout_answers"]) for rec, _ in gold]
-        out["synthesis_vs_majority_disagree"] = float(np.mean([
-            m is not None and rec["reference_answer"] is not None
-            and answers.normalize(m) != answers.normalize(rec["reference_answer"])
-            for (rec, _), m in zip(gold, maj, strict=True)]))
     return out
 
 
 # Round metrics that are counts, not rates: the global batch's is the sum over processes.
-_ROUND_COUNTS = ("round/prompt_truncated",)
+_ROUND_COUNTS = ("round/prompt_truncated", "gold_questions")
+_GOLD_RATES = ("reward_accuracy", "rollout_accuracy")  # per question with gold
 
 
 def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) -> dict[str, float]:
@@ -338,19 +343,22 @@ def _merge_over_processes(local: dict[str, float], rewards: np.ndarray, g: int) 
     Every process holds as many questions, so the mean over processes of a per-question or
     per-rollout mean is the global mean (a count absent on a process is 0 there); counts
     (`_ROUND_COUNTS`) add up; the verdict rates, per judged pair, are weighted by each process's
-    pairs; the reward statistics are recomputed from all rewards, in global row order.
+    pairs, and the gold accuracies by its questions with gold; the reward statistics are
+    recomputed from all rewards, in global row order.
     """
     if jax.process_count() == 1:
         return local
     everyone = parallel.allgather_json({"m": local, "r": np.asarray(rewards, np.float32).tolist()})
     out = {k: float((np.sum if k in _ROUND_COUNTS else np.mean)([e["m"].get(k, 0.0) for e in everyone]))
            for k in sorted(set().union(*(e["m"] for e in everyone)))}
-    pairs = "round/judge_pairs"
-    weights = [e["m"].get(pairs, 0.0) for e in everyone]
-    for rate in (f"round/{k}" for k in cat_round.VERDICT_RATES):
-        if rate in out:
-            out[rate] = float(sum(e["m"].get(rate, 0.0) * w for e, w in zip(everyone, weights, strict=True))
-                              / max(sum(weights), 1e-30))
+    for rates, count in (([f"round/{k}" for k in cat_round.VERDICT_RATES], "round/judge_pairs"),
+                         (_GOLD_RATES, "gold_questions")):
+        weights = [e["m"].get(count, 0.0) for e in everyone]
+        for rate in rates:
+            if rate in out:
+                out[rate] = float(sum(e["m"].get(rate, 0.0) * w
+                                      for e, w in zip(everyone, weights, strict=True))
+                                  / max(sum(weights), 1e-30))
     r = np.asarray([x for e in everyone for x in e["r"]], np.float32).reshape(-1, g)
     out.update(reward_mean=float(r.mean()), reward_std=float(r.std()),
                frac_reward_zero_std=float(np.mean(r.std(-1) == 0)))
@@ -407,8 +415,13 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
         raise ValueError(f"config.batch_size={config.batch_size} (the global batch) does not split "
                          f"over {jax.process_count()} processes")
     # Data before weights: a bad data file stops in a second, not after loading a model.
+    # Training never reads gold: a question without one is still a question (MATH's train split).
     examples = data.load(config.data.name, split=config.data.split,
-                         path=config.data.get("path"), limit=config.data.get("limit"))
+                         path=config.data.get("path"), limit=config.data.get("limit"),
+                         require_answers=False)
+    if (no_gold := sum(ex.answer is None for ex in examples)) and jax.process_index() == 0:
+        print(f"data: {no_gold} of {len(examples)} training questions have no gold answer (CaT "
+              "needs none; the gold accuracies are logged over the others, gold_questions)")
     if len(examples) < config.batch_size:
         raise ValueError(f"config.data ({config.data.name}, limit={config.data.get('limit')}): "
                          f"{len(examples)} examples do not fill one batch of "

@@ -280,6 +280,33 @@ def test_learning_rate_schedule_counts_training_steps_not_updates():
     assert sizes[-1] > 0.1
 
 
+def test_gold_accuracies_count_only_questions_with_gold():
+    """Training data may lack gold (MATH's train split): the monitors average over the
+    questions that have one; the majority-vs-synthesis rate needs no gold at all."""
+    from catjax.cat import round as cat_round
+    from catjax.rl import trainer
+
+    def rec(gold, ref, rollouts):
+        return {"gold": gold, "reference_answer": ref, "rollout_answers": rollouts}
+
+    records = [rec("2", "2", ["2", "2"]), rec(None, "5", ["5", "5"]), rec("7", "1", ["7", "7"])]
+    got = trainer._round_metrics(cat_round.RoundResult(_Lengths(), [], np.zeros(6, np.float32),
+                                                       records, {}), 2)
+    assert got["gold_questions"] == 2.0
+    assert got["reward_accuracy"] == 0.5  # 2 = 2; 1 != 7 (the question without gold left out)
+    assert got["rollout_accuracy"] == 1.0  # 4 of the 4 rollouts with gold
+    assert got["synthesis_vs_majority_disagree"] == pytest.approx(1 / 3)  # 7 vs 1
+    records = [rec(None, "5", ["5", "5"])]
+    got = trainer._round_metrics(cat_round.RoundResult(_Lengths(), [], np.zeros(2, np.float32),
+                                                       records, {}), 2)
+    assert "reward_accuracy" not in got and "gold_questions" not in got
+    assert got["synthesis_vs_majority_disagree"] == 0.0
+
+
+class _Lengths:
+    lengths = np.asarray([3, 4])
+
+
 def test_round_metrics_merge_over_processes_by_their_own_units(monkeypatch):
     """Two processes, as many questions each: rollout rates average; the verdict rate (per
     judged pair) is weighted by each process's pairs; rewards are pooled."""
@@ -293,7 +320,9 @@ def test_round_metrics_merge_over_processes_by_their_own_units(monkeypatch):
     monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
     monkeypatch.setattr(parallel, "allgather_json", lambda obj: [
         obj, {"m": theirs, "r": [1.0, 1.0]}])
+    mine.update(gold_questions=1.0, reward_accuracy=1.0)  # theirs: no question with gold
     got = trainer._merge_over_processes(mine, np.asarray([0.0, 1.0]), 2)
+    assert got["gold_questions"] == 1.0 and got["reward_accuracy"] == 1.0
     assert got["round/rollout_extract_boxed"] == 0.75
     assert got["round/verdict_unparsable"] == pytest.approx(0.05)  # 1 of 5 + 0 of 15 pairs
     assert got["round/judge_pairs"] == 10.0  # criteria per rollout: a rate
