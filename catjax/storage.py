@@ -112,10 +112,14 @@ def _kw() -> dict:
 def download(url: str, cache_dir: str | None = None) -> str:
     """Copy a gs:// file, or every object under a gs:// prefix, into the local cache.
 
-    Returns the local path. Files already cached with the same size are not fetched again.
+    Returns the local path. A cached file is fetched again unless it is the object's current
+    generation and size (recorded under `<cache>/.generations/`, apart from the files, which
+    stay a clean copy): an object rewritten with the same size (a re-exported model, an edited
+    dataset) is not served stale.
     """
     bucket_name, key = split_gcs(url)
-    root = os.path.join(cache_dir or os.path.join(CACHE_DIR, "gcs"), bucket_name)
+    cache = cache_dir or os.path.join(CACHE_DIR, "gcs")
+    root = os.path.join(cache, bucket_name)
     bucket = _client().bucket(bucket_name)
     listed = _bounded(f"{url}: listing", lambda: list(bucket.list_blobs(prefix=key.rstrip("/"), **_kw())))
     blobs = [b for b in listed if not b.name.endswith("/")]
@@ -130,13 +134,28 @@ def download(url: str, cache_dir: str | None = None) -> str:
         raise FileNotFoundError(f"{url}: no such object or prefix")
     for blob in blobs:
         dest = os.path.join(root, blob.name)
-        if os.path.exists(dest) and os.path.getsize(dest) == blob.size:
+        stamp, stamp_path = f"{blob.generation}:{blob.size}", os.path.join(
+            cache, ".generations", bucket_name, blob.name)
+        if os.path.exists(dest) and _read_text(stamp_path) == stamp:
             continue
         os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.makedirs(os.path.dirname(stamp_path), exist_ok=True)
+        # Pinned to the listed generation: a rewrite mid-download fails instead of mixing two.
         _bounded(f"gs://{bucket_name}/{blob.name}: download",
-                 lambda b=blob, d=dest: b.download_to_filename(d + ".part", **_kw()))
+                 lambda b=blob, d=dest: b.download_to_filename(
+                     d + ".part", if_generation_match=b.generation, **_kw()))
         os.replace(dest + ".part", dest)
+        with open(stamp_path, "w") as f:
+            f.write(stamp)
     return local
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def upload_dir(local_dir: str, url: str) -> None:

@@ -236,3 +236,27 @@ def test_trainer_on_gs_writes_to_the_bucket_and_resumes_from_it(
     assert [r["step"] for r in _rows(emu, "runs/rl/metrics.jsonl")] == [1, 2]
     assert any(n.startswith("runs/rl/checkpoints/2/") for n in emu.objects("runs/rl/"))
     assert not _mirrors(isolated)
+
+
+def test_download_fetches_an_object_again_when_it_was_rewritten(gcs_emulator, isolated):  # noqa: F811
+    """The cache is keyed by the object's generation, not its size alone: a rewrite with the
+    same size is fetched again; an unchanged object is not (a listing, no media request)."""
+    emu, src, cache = gcs_emulator, isolated / "src", str(isolated / "cache")
+    src.mkdir()
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "w.bin").write_bytes(b"1234")
+    storage.upload_dir(str(src), f"{emu.url}/model")
+    local = storage.download(f"{emu.url}/model", cache)
+    assert sorted(os.listdir(local)) == ["config.json", "w.bin"]  # the stamps live apart
+    sent = len(emu.requests)
+    assert storage.download(f"{emu.url}/model", cache) == local
+    assert not [r for r in emu.requests[sent:] if "alt=media" in r]
+    (src / "config.json").unlink()
+    (src / "w.bin").write_bytes(b"5678")  # same size, new content
+    storage.upload_dir(str(src), f"{emu.url}/model")  # w.bin only
+    sent = len(emu.requests)
+    storage.download(f"{emu.url}/model", cache)
+    assert Path(local, "w.bin").read_bytes() == b"5678"
+    fetched = [r for r in emu.requests[sent:] if "alt=media" in r]
+    assert len(fetched) == 1 and "w.bin" in fetched[0], fetched
+    assert Path(storage.download(f"{emu.url}/model/config.json", cache)).read_text() == '{"a": 1}'
