@@ -8,6 +8,7 @@ and merges, against ~0.2 s here. The `gguf` package still dequantises the quanti
 from __future__ import annotations
 
 import dataclasses
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -21,6 +22,7 @@ MAGIC = b"GGUF"
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
             12: "d"}
 _STRING, _ARRAY = 8, 9
+_MAX_NESTING = 4  # arrays of arrays: real files nest 2 deep at most
 # ggml types stored as plain numpy arrays; every other type is blocks for `gguf.quants`.
 _PLAIN = {0: np.float32, 1: np.float16, 28: np.float64}
 
@@ -65,7 +67,10 @@ class _Header:
         self.pos = end
         return text
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        if depth > _MAX_NESTING:  # a crafted header would otherwise end in a RecursionError
+            raise ValueError(f"{self.where}: GGUF {self.section} nests arrays more than "
+                             f"{_MAX_NESTING} deep")
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -76,7 +81,7 @@ class _Header:
                 return list(self.many(_SCALARS[itype], count))
             if itype == _STRING:  # the vocabulary and merges: the hot loop of a tokenizer load
                 return [self.string() for _ in range(count)]
-            return [self.value(itype) for _ in range(count)]
+            return [self.value(itype, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.where}: unknown GGUF value type {vtype}")
 
 
@@ -114,7 +119,9 @@ class GGUFFile:
             name = h.string()
             dims = h.many("Q", h.scalar("I"))
             table.append((name, tuple(reversed(dims)), h.scalar("I"), h.scalar("Q")))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise ValueError(f"{where}: GGUF general.alignment={align!r} must be a positive integer")
         data_start = -(-h.pos // align) * align
         for name, shape, ggml_type, offset in table:
             info = TensorInfo(name, shape, ggml_type, data_start + offset,
@@ -160,7 +167,7 @@ class GGUFFile:
 def _nbytes(shape: tuple[int, ...], ggml_type: int, where: str, name: str) -> int:
     import gguf
 
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a crafted shape must not wrap around in int64
     if ggml_type in _PLAIN:
         return count * np.dtype(_PLAIN[ggml_type]).itemsize
     try:

@@ -118,6 +118,43 @@ def test_bad_files_are_one_line_errors(tmp_path):
         GGUFFile(cut)
 
 
+def _raw_gguf(kvs: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tensors + bytes(64)
+
+
+def _gguf_str(text: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+def test_crafted_headers_are_one_line_errors(tmp_path):
+    """Headers no writer makes but a corrupt or hostile file can hold: each is a ValueError
+    naming the file, not a ZeroDivisionError, a RecursionError or a shape wrapped in int64."""
+    import struct
+
+    import gguf
+
+    path = tmp_path / "c.gguf"
+    u32 = gguf.GGUFValueType.UINT32
+    _write(path, fields={"general.alignment": (0, u32)},
+           tensors=[("w", np.ones((2, 4), np.float32), "F32")])
+    with pytest.raises(ValueError, match=r"c.gguf: GGUF general.alignment=0 must be a positive"):
+        GGUFFile(path)
+    nested = _gguf_str("k") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 10 + \
+        struct.pack("<IQ", 4, 0)  # arrays of arrays, ten deep, then an empty uint32 array
+    path.write_bytes(_raw_gguf(nested, n_kv=1))
+    with pytest.raises(ValueError, match="c.gguf: GGUF metadata nests arrays more than 4 deep"):
+        read_metadata(path)
+    # 2**40 x 2**24 float32 elements: 2**66 bytes, 0 once wrapped in int64.
+    huge = _gguf_str("w") + struct.pack("<I2QIQ", 2, 2**24, 2**40, 0, 0)
+    path.write_bytes(_raw_gguf(tensors=huge, n_tensors=1))
+    with pytest.raises(ValueError, match="c.gguf: tensor 'w' runs past the end of the file"):
+        GGUFFile(path)
+
+
 # Our tree -> a llama.cpp-style GGUF: HF names mapped back, Llama's q/k rows permuted for its
 # rotary layout, Gemma's norms stored as 1 + w, every tensor float32 so the check is exact.
 _HF_TO_GGUF = {**{v: k for k, v in gguf_io._LAYER_NAMES.items()}}
