@@ -25,19 +25,47 @@ _FAMILY_OF_MODEL_TYPE = {
 
 # --- config.json ----------------------------------------------------------------------------
 
+_REQUIRED = object()
+
+
+def _number(d: dict[str, Any], key: str, where: str, default: Any = _REQUIRED, kind: type = int,
+            minimum: float | None = 1, label: str = "") -> Any:
+    """d[key] as an int (whole floats too: 4096.0) or float, at least `minimum`; missing or
+    null gives `default`. Anything else is one line naming the file and the field."""
+    label = label or key
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{where}: missing field {label!r}")
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not whole):
+        raise ValueError(f"{where}: field {label!r} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+    value = kind(value)
+    if minimum is not None and not value >= minimum:  # NaN too
+        raise ValueError(f"{where}: field {label!r} is {value}, must be >= {minimum}")
+    return value
+
+
 def _rope_from_dict(d: dict[str, Any], default_theta: float, where: str) -> RopeConfig:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: rope parameters must be an object, got {type(d).__name__}")
     kind = d.get("rope_type", d.get("type", "default")) or "default"
-    theta = float(d.get("rope_theta", default_theta))
+    theta = _number(d, "rope_theta", where, default_theta, float, minimum=1e-30)
+
+    def num(key: str, kind_: type = float) -> Any:
+        return _number(d, key, where, kind=kind_, minimum=None, label=f"rope {key}")
+
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind == "linear":
-        return RopeConfig(theta=theta, scaling="linear", factor=float(d["factor"]))
+        return RopeConfig(theta=theta, scaling="linear", factor=num("factor"))
     if kind == "llama3":
         return RopeConfig(
-            theta=theta, scaling="llama3", factor=float(d["factor"]),
-            low_freq_factor=float(d["low_freq_factor"]),
-            high_freq_factor=float(d["high_freq_factor"]),
-            original_max_position=int(d["original_max_position_embeddings"]),
+            theta=theta, scaling="llama3", factor=num("factor"),
+            low_freq_factor=num("low_freq_factor"), high_freq_factor=num("high_freq_factor"),
+            original_max_position=num("original_max_position_embeddings", int),
         )
     raise ValueError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
 
@@ -46,6 +74,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
                    dtype: str | None = None) -> ModelConfig:
     """Translate a transformers `config.json` (old `rope_theta`/`rope_scaling` or v5
     `rope_parameters`) into a `ModelConfig`."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type == "gemma3" and "text_config" in hf:
         hf = {**hf["text_config"], "model_type": "gemma3_text",
@@ -58,20 +88,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
         )
     family = _FAMILY_OF_MODEL_TYPE[model_type]
 
-    def need(key: str) -> Any:
-        if key not in hf:
-            raise ValueError(f"{where}: missing field {key!r}")
-        return hf[key]
+    def num(key: str, default: Any = _REQUIRED, kind: type = int, minimum: float | None = 1) -> Any:
+        return _number(hf, key, where, default, kind, minimum)
 
-    d, n = int(need("hidden_size")), int(need("num_attention_heads"))
-    layers = int(need("num_hidden_layers"))
+    d, n, layers = num("hidden_size"), num("num_attention_heads"), num("num_hidden_layers")
     kw: dict[str, Any] = dict(
-        family=family, vocab_size=int(need("vocab_size")), hidden_size=d, num_layers=layers,
-        num_heads=n, num_kv_heads=int(hf.get("num_key_value_heads") or n),
-        head_dim=int(hf.get("head_dim") or d // n), mlp_dim=int(need("intermediate_size")),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        family=family, vocab_size=num("vocab_size"), hidden_size=d, num_layers=layers,
+        num_heads=n, num_kv_heads=num("num_key_value_heads", n),
+        head_dim=num("head_dim", d // n), mlp_dim=num("intermediate_size"),
+        norm_eps=num("rms_norm_eps", 1e-6, float, minimum=0),
         attention_bias=bool(hf.get("attention_bias", False)),
-        max_position=int(hf.get("max_position_embeddings", 8192)),
+        max_position=num("max_position_embeddings", 8192),
         tie_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma3")),
         dtype=dtype or _dtype_name(hf.get("torch_dtype", hf.get("dtype")) or "float32"),
     )
@@ -84,7 +111,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
                   "sliding_attention": {"rope_theta": hf.get("rope_local_base_freq", 1e4)}}
         layer_types = hf.get("layer_types") or [
             "full_attention" if p == 0 else "sliding_attention"
-            for p in gemma3_pattern(layers, int(hf.get("sliding_window_pattern", 6)))
+            for p in gemma3_pattern(layers, num("sliding_window_pattern", 6))
         ]
         if len(layer_types) != layers:
             raise ValueError(f"{where}: layer_types has {len(layer_types)} entries for {layers} layers")
@@ -97,13 +124,13 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
             activation="gelu_tanh", norm_style="gemma", qk_norm=True, sandwich_norms=True,
             rope=_rope_from_dict(rp.get("full_attention") or {}, 1e6, where),
             rope_local=_rope_from_dict(rp.get("sliding_attention") or {}, 1e4, where),
-            sliding_window=int(hf.get("sliding_window") or 4096),
+            sliding_window=num("sliding_window", 4096),
             sliding_pattern=tuple(int(t == "sliding_attention") for t in layer_types),
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            query_pre_attn_scalar=num("query_pre_attn_scalar", 256, float, minimum=1e-30),
             embed_scale=True,
             # transformers' Gemma 3 never applies attn_logit_softcapping; neither do we.
             attn_logit_softcap=None,
-            final_logit_softcap=hf.get("final_logit_softcapping"),
+            final_logit_softcap=num("final_logit_softcapping", None, float, minimum=1e-30),
         )
     else:
         act = hf.get("hidden_act", "silu")

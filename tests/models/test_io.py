@@ -69,6 +69,25 @@ def test_bad_inputs_name_the_field_or_tensor(tmp_path):
     with pytest.raises(ValueError, match="missing field 'vocab_size'"):
         models.from_pretrained(str(tmp_path))
 
+    for text, why in [
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
+        (json.dumps({**hf_cfg, "hidden_size": "64"}), "field 'hidden_size' must be an integer, got '64'"),
+        (json.dumps({**hf_cfg, "num_attention_heads": None}), "missing field 'num_attention_heads'"),
+        (json.dumps({**hf_cfg, "num_attention_heads": 0}), "field 'num_attention_heads' is 0, must be >= 1"),
+        (json.dumps({**hf_cfg, "num_hidden_layers": -2}), "field 'num_hidden_layers' is -2"),
+        (json.dumps({**hf_cfg, "head_dim": 15.5}), "field 'head_dim' must be an integer, got 15.5"),
+        (json.dumps({**hf_cfg, "rms_norm_eps": "tiny"}), "field 'rms_norm_eps' must be a number"),
+        (json.dumps({**hf_cfg, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}),
+         "missing field 'rope factor'"),
+        (json.dumps({**hf_cfg, "rope_parameters": [1e4]}), "rope parameters must be an object"),
+    ]:
+        cfg_path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{tmp_path}/config.json: ") as e:
+            models.from_pretrained(str(tmp_path))
+        assert why in str(e.value), (why, str(e.value))
+    cfg_path.write_text(json.dumps({**hf_cfg, "max_position_embeddings": 4096.0}))  # a whole float
+    assert models.from_pretrained(str(tmp_path))[0].max_position == 4096
+
     cfg_path.write_text(json.dumps(hf_cfg))
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
