@@ -123,7 +123,7 @@ class Bench:
         toks, lens = (jnp.asarray(x) for x in sampling.pad_prompts(self.prompts, 0))
         static = dict(sp=sampling.SamplingParams(*sp), num_samples=g, max_new_tokens=n,
                       stop_ids=(), pad_id=0, cache_dtype="bfloat16", mesh=None,
-                      decode_layout=layout, decode_window=window)
+                      decode_layout=layout, decode_window=window, logprobs=False)
         key = jax.random.key(1)
         t0 = time.perf_counter()
         compiled = sampling._sample.lower(cfg, self.params, toks, lens, key, **static).compile(
@@ -282,7 +282,7 @@ class Bench:
         return sampling.sample(self.cfg, self.params, prompts, num_samples=1,
                                max_new_tokens=self.args.new_tokens, stop_ids=(),
                                rng=jax.random.key(2), temperature=temperature,
-                               decode_layout=self.best).tokens
+                               decode_layout=self.best, logprobs=False).tokens
 
     def synthesis(self):
         """Per question: the anchor reads G x N rollout tokens (plus ~150 of instructions) and
@@ -337,7 +337,7 @@ class Bench:
             cfg2, loaded = models.from_pretrained(d)
         g, n = ROWS_PER_PROMPT, 128
         kw = dict(num_samples=g, max_new_tokens=n, temperature=0.7, top_p=0.95, stop_ids=(),
-                  decode_layout=self.best)
+                  decode_layout=self.best, logprobs=False)
         held = {"params": loaded}
         t_ours = timeit(lambda: sampling.sample(cfg2, held["params"], self.prompts[:4],
                                                 rng=jax.random.key(2), **kw).tokens, repeats=3)

@@ -69,8 +69,9 @@ def result(task: str, m: cat_round.Model, model_dir: str, times: list[float], fi
 def task_sampler(m, args) -> dict:
     prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
     keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
+    # Tokens only, as CaT's rollouts (and transformers' generate, Tunix's sampler by default).
     kw = dict(num_samples=g, max_new_tokens=n, temperature=args.temperature, top_p=args.top_p,
-              stop_ids=(), pad_id=m.tokenizer.pad_id)
+              stop_ids=(), pad_id=m.tokenizer.pad_id, logprobs=False)
 
     def run():
         out = block(sampling.sample(m.cfg, m.params, prompts, rng=next(keys), **kw))
@@ -104,7 +105,8 @@ def task_rl(m, args) -> dict:
         t0 = time.perf_counter()
         out = sampling.sample(m.cfg, state["params"], prompts, num_samples=g, max_new_tokens=n,
                               rng=next(keys), temperature=workload.RL["temperature"],
-                              top_p=workload.RL["top_p"], stop_ids=(), pad_id=m.tokenizer.pad_id)
+                              top_p=workload.RL["top_p"], stop_ids=(), pad_id=m.tokenizer.pad_id,
+                              logprobs=False)
         texts = [m.tokenizer.decode(ids) for ids in sampling.completions(out)]
         rewards = np.asarray([workload.reward(t, answers_[i // g]) for i, t in enumerate(texts)],
                              np.float32)
@@ -129,13 +131,14 @@ def task_synthesis(m, args) -> dict:
     rc = cat_round.RoundConfig(num_rollouts=g, max_new_tokens=n, synthesis_max_new_tokens=n)
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
-                          pad_id=m.tokenizer.pad_id)
+                          pad_id=m.tokenizer.pad_id, logprobs=False)
     texts = [m.tokenizer.decode(ids) for ids in sampling.completions(out)]
     groups = [texts[i * g:(i + 1) * g] for i in range(len(prompts))]
     budget = cat_round.prompt_budget(m.cfg, n)
     syn_prompts = [cat_round.synthesis_prompt(m.tokenizer, grp, "math", rc, budget, m.cfg)[0]
                    for grp in groups]
-    kw = dict(num_samples=1, max_new_tokens=n, stop_ids=(), pad_id=m.tokenizer.pad_id)
+    kw = dict(num_samples=1, max_new_tokens=n, stop_ids=(), pad_id=m.tokenizer.pad_id,
+              logprobs=False)
     keys = iter(jax.random.split(jax.random.key(1), 4 * (args.repeats + 1)))
 
     def synth():  # the anchor is greedy (RoundConfig.anchor_temperature = 0)
@@ -265,7 +268,7 @@ def task_mfu(m, args) -> dict:
                              logprob_chunk=args.logprob_chunk or rl.logprob_chunk)
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
-                          pad_id=m.tokenizer.pad_id)
+                          pad_id=m.tokenizer.pad_id, logprobs=False)
     rewards = np.tile(np.asarray([1, 0], np.float32), len(prompts) * g // 2)
     batch = trainer.build_batch(cat_round.RoundResult(out, prompts, rewards, [], {}), g,
                                 m.tokenizer.pad_id)

@@ -6,7 +6,7 @@ rows, decode.
     out.tokens [B*G, N]   row i*G + j is the j-th sample of prompt i; padding after a stop
     out.logprobs [B*G, N] log-prob under the distribution sampled from (temperature, top-k/p)
     out.model_logprobs    log-prob under the plain model (temperature 1, no truncation)
-                          (both only with `logprobs=True`; else None, and the draw is cheaper)
+                          (both None with `logprobs=False`, which makes the draw cheaper)
 
 Decoding runs in `jax.lax.while_loop` (one per attention window, `decode_window`) and stops
 when every row has emitted a stop token or the budget is spent. Prompt lengths are padded to a
@@ -54,7 +54,7 @@ class SamplingParams:
 class SampleOutput:
     tokens: jax.Array  # [R, N] int32; pad_id after the stop token
     lengths: jax.Array  # [R] int32 generated tokens, the stop token included
-    # [R, N] float32, 0 past the end; None unless `sample(logprobs=True)`.
+    # [R, N] float32, 0 past the end; None from `sample(logprobs=False)`.
     logprobs: jax.Array | None  # under the sampling distribution
     model_logprobs: jax.Array | None  # under the plain model
     stopped: jax.Array  # [R] bool: ended with a stop token (False: hit the budget)
@@ -453,7 +453,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
            prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
            decode_layout: str | None = None, decode_window: int | None = None,
-           logprobs: bool = False) -> SampleOutput:
+           logprobs: bool = True) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -472,9 +472,9 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     give the same samples.
 
     `logprobs`: also return each token's log-prob under the sampling law and the plain model
-    (`SampleOutput.logprobs`, `.model_logprobs`; else None). Off by default: CaT's rollouts and
-    syntheses read tokens only (the update scores its own), and the plain model's log-probs
-    cost one more pass over the vocabulary a step (`draw`).
+    (`SampleOutput.logprobs`, `.model_logprobs`); False: None, and a cheaper step (the plain
+    model's log-probs cost one more pass over the vocabulary, `draw`). CaT's rollouts and
+    syntheses pass False: they read tokens only, and the update scores its own.
 
     Multi-process (params are global arrays, or `mesh` spans other processes): every process
     calls `sample` at the same point with its own prompts and gets back its own rows, as host

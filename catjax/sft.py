@@ -137,7 +137,7 @@ def quick_eval(cfg: ModelConfig, params: Params, tok, questions: list[str], seed
                             ("synthesis", prompts_s, 0.0)):
         res = sampling.sample(cfg, params, ids, num_samples=1, max_new_tokens=POLICY_LEN,
                               rng=jax.random.key(seed), temperature=temp, stop_ids=tok.eos_ids,
-                              pad_id=tok.pad_id)
+                              pad_id=tok.pad_id, logprobs=False)
         texts = [tok.decode(c) for c in sampling.completions(res)]
         out[f"accuracy_{name}"] = float(np.mean([answers.extract_boxed(t) == g
                                                  for t, g in zip(texts, gold, strict=True)]))

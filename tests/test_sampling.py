@@ -293,7 +293,7 @@ def test_log_probs_are_optional_and_change_no_token(sp):
     t, k, p = sp
     kw = dict(num_samples=3, max_new_tokens=10, rng=jax.random.key(4), temperature=t, top_k=k,
               top_p=p, stop_ids=(3,))
-    bare = sampling.sample(cfg, params, PROMPTS, **kw)
+    bare = sampling.sample(cfg, params, PROMPTS, logprobs=False, **kw)
     full = sampling.sample(cfg, params, PROMPTS, logprobs=True, **kw)
     np.testing.assert_array_equal(np.asarray(bare.tokens), np.asarray(full.tokens))
     np.testing.assert_array_equal(np.asarray(bare.lengths), np.asarray(full.lengths))

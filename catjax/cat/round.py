@@ -257,7 +257,8 @@ def synthesize(anchor: Model, rollout_texts: Sequence[Sequence[str]], task: str,
         anchor.cfg, anchor.params, [ids for ids, _ in fitted], num_samples=1,
         max_new_tokens=rc.synthesis_max_new_tokens, rng=rng, temperature=rc.anchor_temperature,
         top_k=rc.top_k if rc.anchor_temperature else 0,
-        top_p=rc.top_p if rc.anchor_temperature else 1.0, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+        top_p=rc.top_p if rc.anchor_temperature else 1.0, stop_ids=tok.eos_ids, pad_id=tok.pad_id,
+        logprobs=False)
     return [tok.decode(ids) for ids in sampling.completions(out)]
 
 
@@ -345,7 +346,7 @@ def _anchor_generate(anchor: Model, rc: RoundConfig, rng: jax.Array, counts: Cou
         warn_truncated(sum(cut for _, cut in fitted), "rubric", anchor.cfg)
         out = sampling.sample(anchor.cfg, anchor.params, [ids for ids, _ in fitted],
                               max_new_tokens=max_new, rng=rng, temperature=0.0,
-                              stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+                              stop_ids=tok.eos_ids, pad_id=tok.pad_id, logprobs=False)
         return [tok.decode(ids) for ids in sampling.completions(out)]
     return generate
 

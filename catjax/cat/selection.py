@@ -68,7 +68,8 @@ def self_select(cfg: ModelConfig, params: Params, tokenizer: Any,
                                      "self_select(max_new_tokens)") for r in rollouts]
     cat_round.warn_truncated(sum(cut for _, cut in fitted), "self-selection", cfg, counted=False)
     out = sampling.sample(cfg, params, [ids for ids, _ in fitted], max_new_tokens=max_new_tokens, rng=rng,
-                          temperature=0.0, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+                          temperature=0.0, stop_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                          logprobs=False)
     texts = [tokenizer.decode(c) for c in sampling.completions(out)]
     picks, fallbacks = [], 0
     for t, r in zip(texts, rollouts, strict=True):

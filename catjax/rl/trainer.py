@@ -388,7 +388,7 @@ def heldout_metrics(policy: cat_round.Model, examples: list, rc: cat_round.Round
     out = sampling.sample(policy.cfg, policy.params, prompt_ids, num_samples=1,
                           max_new_tokens=rc.max_new_tokens, rng=jax.random.key(seed + 1),
                           temperature=rc.temperature, top_k=rc.top_k, top_p=rc.top_p,
-                          stop_ids=tok.eos_ids, pad_id=tok.pad_id)
+                          stop_ids=tok.eos_ids, pad_id=tok.pad_id, logprobs=False)
     texts = [tok.decode(c) for c in sampling.completions(out)]
     got = [answers.extract_answer(t, rc.extract_modes)[0] for t in texts]
     ok = [a is not None and answers.equivalent(a, ex.answer) for a, ex in zip(got, examples, strict=True)]
