@@ -208,6 +208,7 @@ class Checkpointer:
         self._options = dict(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                              enable_async_checkpointing=async_save)
         self._writer = False  # True once `save` has reopened Orbax's manager to write
+        self._warned_incomplete = False
         self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=False))
 
     def _open_manager(self, cleanup: bool):
@@ -268,7 +269,32 @@ class Checkpointer:
         if self._is_gcs:
             self._probe("listing")
             _forget_gcs_listings()
-        return sorted(self._ocp.path.step.checkpoint_steps(self.directory))
+        steps = sorted(self._ocp.path.step.checkpoint_steps(self.directory))
+        if self._is_gcs:
+            return steps
+        # Locally Orbax counts any directory named by a step: one made or copied in by hand, empty
+        # or half full, would be "latest" and fail every resume. Orbax itself renames a complete
+        # step into place, both items inside.
+        whole = [s for s in steps if all(os.path.isdir(os.path.join(self.directory, str(s), item))
+                                         for item in (STATE, META))]
+        if len(whole) < len(steps) and not self._warned_incomplete:
+            self._warned_incomplete = True
+            print(f"checkpoint: {self.directory}: step directories "
+                  f"{sorted(set(steps) - set(whole))} hold no complete checkpoint; ignored (a "
+                  "run that saves moves them aside to <step>.incomplete)")
+        return whole
+
+    def _set_aside_incomplete(self) -> None:
+        """Rename local step directories that hold no complete checkpoint to <step>.incomplete
+        (kept, not deleted), so that Orbax's writer neither counts them nor collides with them."""
+        whole = set(self._finalized_steps())
+        for step in self._ocp.path.step.checkpoint_steps(self.directory):
+            if step not in whole:
+                path = os.path.join(self.directory, str(step))
+                aside, n = f"{path}.incomplete", 1
+                while os.path.exists(aside):
+                    aside, n = f"{path}.incomplete{n}", n + 1
+                os.rename(path, aside)
 
     # ----------------------------------------------------------------------- API
 
@@ -281,13 +307,18 @@ class Checkpointer:
         ocp = self._ocp
         meta_json = _encode_meta(dict(meta or {}))  # fails here, clearly, on non-JSON meta
         step = int(step)
-        last = self._mgr.latest_step()
+        # Locally, our own listing (Orbax's counts step directories that hold no checkpoint),
+        # and the save still in flight.
+        last = self._mgr.latest_step() if self._is_gcs else max(
+            (s for s in (self.latest_step(), self._pending) if s is not None), default=None)
         if (last is not None and step <= last) or not (force or step % self._interval == 0):
             return False
         self.wait()  # surfaces a failure of the previous async save as such
         if self._is_gcs:
             self._probe(f"save of step {step}")
         if not self._writer:  # a dead writer's leftovers go before our first save
+            if not self._is_gcs:
+                self._bounded("listing", self._set_aside_incomplete)
             reader = self._mgr
             self._mgr = self._bounded("open", lambda: self._open_manager(cleanup=True))
             self._writer = True

@@ -171,6 +171,24 @@ def test_latest_step_ignores_unfinalized_dirs(tmp_path):
     assert Checkpointer(str(d)).restore()[1] == {"step": 3}
 
 
+def test_step_directories_without_a_checkpoint_are_ignored_then_set_aside(tmp_path, capsys):
+    """A directory named by a step but holding no checkpoint (made by hand, or a copy that
+    stopped short) is not the latest step; a writer moves it aside (kept) and saves that step."""
+    d = tmp_path / "ckpt"
+    with Checkpointer(str(d), async_save=False) as ckpt:
+        ckpt.save(1, make_state(1), meta={"step": 1})
+    (d / "2").mkdir()
+    (d / "3" / "state").mkdir(parents=True)  # half a copy: no meta
+    with Checkpointer(str(d)) as reader:
+        assert reader.all_steps() == [1] and reader.restore()[1] == {"step": 1}
+    assert "step directories [2, 3] hold no complete checkpoint" in capsys.readouterr().out
+    with Checkpointer(str(d), async_save=False) as ckpt:
+        assert ckpt.save(2, make_state(2), meta={"step": 2})
+    assert sorted(os.listdir(d)) == ["1", "2", "2.incomplete", "3.incomplete"]
+    with Checkpointer(str(d)) as reader:
+        assert reader.all_steps() == [1, 2] and reader.restore()[1] == {"step": 2}
+
+
 def test_writer_killed_mid_save_leaves_previous_step_loadable(tmp_path):
     d = str(tmp_path / "ckpt")
     # The child saves step 1, then is SIGKILLed while step 2 is fully written but not yet finalized
