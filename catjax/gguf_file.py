@@ -68,7 +68,7 @@ class _Header:
         return text
 
     def value(self, vtype: int, depth: int = 0) -> Any:
-        if depth > _MAX_NESTING:  # a crafted header would otherwise end in a RecursionError
+        if depth >= _MAX_NESTING:  # a crafted header would otherwise end in a RecursionError
             raise ValueError(f"{self.where}: GGUF {self.section} nests arrays more than "
                              f"{_MAX_NESTING} deep")
         if vtype in _SCALARS:

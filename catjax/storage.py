@@ -115,7 +115,7 @@ def download(url: str, cache_dir: str | None = None) -> str:
     Returns the local path. A cached file is fetched again unless it is the object's current
     generation and size (recorded under `<cache>/.generations/`, apart from the files, which
     stay a clean copy): an object rewritten with the same size (a re-exported model, an edited
-    dataset) is not served stale.
+    dataset) is not served stale. (A cache filled before stamps existed is fetched once more.)
     """
     bucket_name, key = split_gcs(url)
     cache = cache_dir or os.path.join(CACHE_DIR, "gcs")
@@ -136,14 +136,15 @@ def download(url: str, cache_dir: str | None = None) -> str:
         dest = os.path.join(root, blob.name)
         stamp, stamp_path = f"{blob.generation}:{blob.size}", os.path.join(
             cache, ".generations", bucket_name, blob.name)
-        if os.path.exists(dest) and _read_text(stamp_path) == stamp:
+        if (os.path.exists(dest) and os.path.getsize(dest) == blob.size
+                and _read_text(stamp_path) == stamp):
             continue
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.makedirs(os.path.dirname(stamp_path), exist_ok=True)
-        # Pinned to the listed generation: a rewrite mid-download fails instead of mixing two.
+        # A listed blob downloads its listed generation (the request names it): an object
+        # rewritten meanwhile fails in one line (not found) instead of mixing two versions.
         _bounded(f"gs://{bucket_name}/{blob.name}: download",
-                 lambda b=blob, d=dest: b.download_to_filename(
-                     d + ".part", if_generation_match=b.generation, **_kw()))
+                 lambda b=blob, d=dest: b.download_to_filename(d + ".part", **_kw()))
         os.replace(dest + ".part", dest)
         with open(stamp_path, "w") as f:
             f.write(stamp)

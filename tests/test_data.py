@@ -191,9 +191,10 @@ def test_duplicate_ids_are_one_line_errors(tmp_path):
 
 def test_numeric_gold_answers_are_read_as_text(tmp_path):
     """AMC 23 stores its answers as JSON numbers (27.0)."""
-    rows = [{"problem": f"q{i}", "answer": a} for i, a in enumerate([27.0, 3159, -4, 0.5, 1e-3])]
+    answers = [27.0, 3159, -4, 0.5, 1e-5, 10**30, 2.5e20]
+    rows = [{"problem": f"q{i}", "answer": a} for i, a in enumerate(answers)]
     assert [ex.answer for ex in data.load(_write(tmp_path, rows), format="math")] == \
-        ["27", "3159", "-4", "0.5", "0.001"]
+        ["27", "3159", "-4", "0.5", "0.00001", str(10**30), "250000000000000000000"]
 
 
 @pytest.mark.parametrize("fmt, row", [

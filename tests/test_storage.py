@@ -260,3 +260,6 @@ def test_download_fetches_an_object_again_when_it_was_rewritten(gcs_emulator, is
     fetched = [r for r in emu.requests[sent:] if "alt=media" in r]
     assert len(fetched) == 1 and "w.bin" in fetched[0], fetched
     assert Path(storage.download(f"{emu.url}/model/config.json", cache)).read_text() == '{"a": 1}'
+    Path(local, "w.bin").write_bytes(b"56")  # a cached file cut short: fetched again
+    storage.download(f"{emu.url}/model", cache)
+    assert Path(local, "w.bin").read_bytes() == b"5678"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from catjax import storage
 
 DATA_FILES = Path(__file__).resolve().parent.parent / "data_files"
@@ -132,10 +134,13 @@ def _math_answer(row: Mapping[str, Any], where: str, required: bool) -> str | No
     Missing, null or blank is an error when `required`, else None (CaT-RL never reads gold;
     MATH's train split has a row whose answer is empty)."""
     value = row.get("answer")
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{where}: field 'answer' is {value}, not a finite number")
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
+        # Positional, never 1e-05: the graders compare text and simple numbers.
+        return np.format_float_positional(value, trim="-")
     if not required and (value is None or (isinstance(value, str) and not value.strip())):
         return None
     return _field(row, "answer", str, where)

@@ -48,6 +48,16 @@ def _number(d: dict[str, Any], key: str, where: str, default: Any = _REQUIRED, k
     return value
 
 
+def _object(d: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """d[key] as a dict ({} when missing or null); anything else is one line."""
+    value = d.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: field {key!r} must be an object, got {type(value).__name__}")
+    return value
+
+
 def _rope_from_dict(d: dict[str, Any], default_theta: float, where: str) -> RopeConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{where}: rope parameters must be an object, got {type(d).__name__}")
@@ -78,7 +88,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
         raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type == "gemma3" and "text_config" in hf:
-        hf = {**hf["text_config"], "model_type": "gemma3_text",
+        hf = {**_object(hf, "text_config", where), "model_type": "gemma3_text",
               "torch_dtype": hf.get("torch_dtype", hf.get("dtype"))}
         model_type = "gemma3_text"
     if model_type not in _FAMILY_OF_MODEL_TYPE:
@@ -102,11 +112,12 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
         tie_embeddings=bool(hf.get("tie_word_embeddings", family == "gemma3")),
         dtype=dtype or _dtype_name(hf.get("torch_dtype", hf.get("dtype")) or "float32"),
     )
-    rope_params = hf.get("rope_parameters")
+    rope_params = _object(hf, "rope_parameters", where)
+    rope_scaling = _object(hf, "rope_scaling", where)
     if family == "gemma3":
         rp = rope_params or {}
         if "full_attention" not in rp:  # old form: rope_theta, rope_local_base_freq, rope_scaling
-            rp = {"full_attention": {**(hf.get("rope_scaling") or {}),
+            rp = {"full_attention": {**rope_scaling,
                                      "rope_theta": hf.get("rope_theta", 1e6)},
                   "sliding_attention": {"rope_theta": hf.get("rope_local_base_freq", 1e4)}}
         layer_types = hf.get("layer_types") or [
@@ -136,8 +147,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{where}: hidden_act {act!r} is not supported for {model_type}")
-        if rope_params is None:
-            rope_params = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e4)}
+        if not rope_params:
+            rope_params = {**rope_scaling, "rope_theta": hf.get("rope_theta", 1e4)}
         kw.update(rope=_rope_from_dict(rope_params, 1e4, where), qk_norm=family == "qwen3")
     return ModelConfig(**kw)
 

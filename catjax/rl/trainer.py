@@ -419,7 +419,8 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     examples = data.load(config.data.name, split=config.data.split,
                          path=config.data.get("path"), limit=config.data.get("limit"),
                          require_answers=False)
-    if (no_gold := sum(ex.answer is None for ex in examples)) and jax.process_index() == 0:
+    no_gold = sum(ex.answer is None for ex in examples)
+    if no_gold and config.round.get("task", "math") == "math" and jax.process_index() == 0:
         print(f"data: {no_gold} of {len(examples)} training questions have no gold answer (CaT "
               "needs none; the gold accuracies are logged over the others, gold_questions)")
     if len(examples) < config.batch_size:

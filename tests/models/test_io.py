@@ -79,7 +79,8 @@ def test_bad_inputs_name_the_field_or_tensor(tmp_path):
         (json.dumps({**hf_cfg, "rms_norm_eps": "tiny"}), "field 'rms_norm_eps' must be a number"),
         (json.dumps({**hf_cfg, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}),
          "missing field 'rope factor'"),
-        (json.dumps({**hf_cfg, "rope_parameters": [1e4]}), "rope parameters must be an object"),
+        (json.dumps({**hf_cfg, "rope_parameters": [1e4]}), "field 'rope_parameters' must be an object"),
+        (json.dumps({**hf_cfg, "rope_scaling": "linear"}), "field 'rope_scaling' must be an object"),
     ]:
         cfg_path.write_text(text)
         with pytest.raises(ValueError, match=f"^{tmp_path}/config.json: ") as e:
