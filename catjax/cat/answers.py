@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -462,6 +463,7 @@ def _numbers_match(a: Fraction, b: Fraction) -> bool:
 # Answers longer than this skip the symbolic step: real final answers are short, and parse
 # time / sympy blow-ups grow with length.
 SYMBOLIC_MAX_LEN = 1000
+_BACKOFF_AFTER, _BACKOFF_MAX_S = 3, 60.0  # failed starts in a row; longest pause (`_back_off`)
 _STARTUP_TIMEOUT_S = 120.0  # first start imports sympy + math-verify (seconds, not minutes)
 
 # Cheap screens for inputs that make sympy evaluate astronomically large numbers. The
@@ -532,6 +534,7 @@ _STAT_KEYS = (
     "worker_errors",  # worker raised (parse error, RecursionError, MemoryError, ...)
     "restarts",  # worker processes started after the first
     "start_failures",  # worker failed to come up
+    "skipped_worker_down",  # symbolic step skipped: the worker failed to start, backing off
 )
 
 
@@ -593,6 +596,8 @@ class _SymbolicWorker:
         self._ready = False
         self._started_once = False
         self._next_id = 0
+        self._failed_starts = 0  # in a row
+        self._retry_at = 0.0  # time.monotonic() before which requests do not try to start one
 
     # -- lifecycle (all called with self._lock held) --
 
@@ -640,14 +645,18 @@ class _SymbolicWorker:
         Waiting for a (re)starting worker to finish its imports is not part of ``timeout_s``.
         """
         with self._lock:
+            if time.monotonic() < self._retry_at:
+                _STATS.bump("skipped_worker_down")
+                return False
             try:
                 self._ensure_ready()
-            except _WorkerFailed:
+            except (_WorkerFailed, OSError) as e:
+                if isinstance(e, OSError):  # could not even launch the interpreter
+                    _STATS.bump("start_failures")
+                    self._kill()
+                self._back_off()
                 return False
-            except OSError:  # could not even launch the interpreter
-                _STATS.bump("start_failures")
-                self._kill()
-                return False
+            self._failed_starts = 0
             self._next_id += 1
             req_id = self._next_id
             try:
@@ -667,6 +676,17 @@ class _SymbolicWorker:
             if error is not None:
                 _STATS.bump("worker_errors")
             return bool(result)
+
+    def _back_off(self) -> None:
+        """After `_BACKOFF_AFTER` failed starts in a row, requests stop trying for a while (1 s,
+        doubling to `_BACKOFF_MAX_S`): a worker that cannot start (a broken install, a hang on
+        import) would otherwise cost every request a launch, or `_STARTUP_TIMEOUT_S`."""
+        self._failed_starts += 1
+        if self._failed_starts >= _BACKOFF_AFTER:
+            wait = min(_BACKOFF_MAX_S, 2.0 ** (self._failed_starts - _BACKOFF_AFTER))
+            self._retry_at = time.monotonic() + wait
+            _log.warning("answer-grader worker failed to start %d times in a row; symbolic checks "
+                         "return False for %.0f s", self._failed_starts, wait)
 
     def _restart(self) -> None:
         """Replace a hung or dead worker and warm the new one up while the caller moves on. A

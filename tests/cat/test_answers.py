@@ -597,6 +597,35 @@ def test_worker_that_cannot_be_replaced_is_a_false_answer_not_a_crash(grader, mo
     _assert_serving()
 
 
+def test_a_worker_that_keeps_failing_to_start_is_not_retried_on_every_request(
+        grader, monkeypatch) -> None:
+    """Three failed starts in a row: requests answer False at once for a while (counted), instead
+    of each paying a launch (or the start-up timeout); after the pause one start is tried again."""
+    launches = []
+
+    def cannot_launch():
+        launches.append(1)
+        raise OSError(24, "Too many open files")
+
+    answers._WORKER.shutdown()
+    before = answers.stats()
+    with monkeypatch.context() as m:
+        m.setattr(answers, "_launch_worker", cannot_launch)
+        for _ in range(answers._BACKOFF_AFTER + 2):
+            assert answers._WORKER.request("ping", "", "", timeout_s=2.0) is False
+        assert len(launches) == answers._BACKOFF_AFTER  # the last two did not try
+        got = answers.stats()
+        assert got["start_failures"] - before["start_failures"] == answers._BACKOFF_AFTER
+        assert got["skipped_worker_down"] - before["skipped_worker_down"] == 2
+        answers._WORKER._retry_at = 0.0  # the pause is over: one more try, still failing
+        assert answers._WORKER.request("ping", "", "", timeout_s=2.0) is False
+        assert len(launches) == answers._BACKOFF_AFTER + 1
+        assert answers._WORKER._retry_at > time.monotonic() + 1.5  # now 2 s
+    answers._WORKER._retry_at = 0.0
+    _assert_serving()
+    assert answers._WORKER._failed_starts == 0
+
+
 def test_worker_replaced_after_real_math_hang(grader: int) -> None:
     """An input that really hangs sympy (screening bypassed) is cut off by the wall clock."""
     before = answers.stats()
