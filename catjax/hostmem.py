@@ -10,8 +10,7 @@ Modes:
   the host, or JAX_PLATFORMS=cpu), else `system`: an accelerator's buffers live on the device.
 - `mimalloc`: the entry points restart the process once with mimalloc (the `cmeel-mimalloc`
   wheel, a dependency on Linux) preloaded and told to keep freed pages
-  (MIMALLOC_PURGE_DELAY=-1), so the next call reuses them, from an arena reserved at start-up
-  (MIMALLOC_RESERVE_OS_MEMORY=1GiB). A preload is the only way: XLA calls
+  (MIMALLOC_PURGE_DELAY=-1), so the next call reuses them. A preload is the only way: XLA calls
   the C library's malloc, and only the dynamic loader can put another in its place.
 - `system`: the C library's malloc as it comes.
 
@@ -29,7 +28,6 @@ from pathlib import Path
 from catjax import hostinfo
 
 ENV = "CATJAX_HOST_MALLOC"
-RESERVE = "1GiB"  # MIMALLOC_RESERVE_OS_MEMORY (`restart_with_mimalloc`)
 MODES = ("auto", "mimalloc", "system")
 # Set in the restarted process: a preload the loader refused must not restart it again.
 _RESTARTED = "CATJAX_HOST_MALLOC_RESTARTED"
@@ -68,10 +66,6 @@ def restart_with_mimalloc(library: Path) -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
     env.setdefault("MIMALLOC_PURGE_DELAY", "-1")  # keep freed pages for the next call
-    # One arena reserved up front: without it, on an AVX-512 EPYC, the training step's second
-    # call took fresh memory instead of the first call's freed buffers (peak RSS 4.3 against
-    # 2.7 GB, that call ~2 s slower; bench/RESULTS.md).
-    env.setdefault("MIMALLOC_RESERVE_OS_MEMORY", RESERVE)
     env[_RESTARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
