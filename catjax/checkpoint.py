@@ -269,14 +269,8 @@ class Checkpointer:
         if self._is_gcs:
             self._probe("listing")
             _forget_gcs_listings()
-        steps = sorted(self._ocp.path.step.checkpoint_steps(self.directory))
-        if self._is_gcs:
-            return steps
-        # Locally Orbax counts any directory named by a step: one made or copied in by hand, empty
-        # or half full, would be "latest" and fail every resume. Orbax itself renames a complete
-        # step into place, both items inside.
-        whole = [s for s in steps if all(os.path.isdir(os.path.join(self.directory, str(s), item))
-                                         for item in (STATE, META))]
+            return sorted(self._ocp.path.step.checkpoint_steps(self.directory))
+        steps, whole = self._local_steps()
         if len(whole) < len(steps) and not self._warned_incomplete:
             self._warned_incomplete = True
             print(f"checkpoint: {self.directory}: step directories "
@@ -284,17 +278,25 @@ class Checkpointer:
                   "run that saves moves them aside to <step>.incomplete)")
         return whole
 
+    def _local_steps(self) -> tuple[list[int], list[int]]:
+        """(every local step directory, those holding a complete checkpoint). Orbax counts any
+        directory named by a step: one made or copied in by hand, empty or half full, would be
+        "latest" and fail every resume. Orbax itself renames a complete step into place, both
+        items inside."""
+        steps = sorted(self._ocp.path.step.checkpoint_steps(self.directory))
+        return steps, [s for s in steps if all(
+            os.path.isdir(os.path.join(self.directory, str(s), item)) for item in (STATE, META))]
+
     def _set_aside_incomplete(self) -> None:
         """Rename local step directories that hold no complete checkpoint to <step>.incomplete
         (kept, not deleted), so that Orbax's writer neither counts them nor collides with them."""
-        whole = set(self._finalized_steps())
-        for step in self._ocp.path.step.checkpoint_steps(self.directory):
-            if step not in whole:
-                path = os.path.join(self.directory, str(step))
-                aside, n = f"{path}.incomplete", 1
-                while os.path.exists(aside):
-                    aside, n = f"{path}.incomplete{n}", n + 1
-                os.rename(path, aside)
+        steps, whole = self._local_steps()
+        for step in sorted(set(steps) - set(whole)):
+            path = os.path.join(self.directory, str(step))
+            aside, n = f"{path}.incomplete", 1
+            while os.path.exists(aside):
+                aside, n = f"{path}.incomplete{n}", n + 1
+            os.rename(path, aside)
 
     # ----------------------------------------------------------------------- API
 

@@ -206,23 +206,22 @@ def _row_block(v: int, preferred: int = 256) -> int:
     return block if v % block == 0 else preferred
 
 
-def categorical(key: jax.Array, logits_bv: jax.Array, block: int | None = None) -> jax.Array:
+def categorical(key: jax.Array, logits_bv: jax.Array, block: int = 256) -> jax.Array:
     """Exact draw from softmax(logits) by inverting the CDF with one uniform per row.
 
     `jax.random.categorical` draws a Gumbel variate for every vocabulary entry, which dominates a
     CPU decode step at 50k vocabularies. Here the CDF is inverted in two levels (sums of blocks
     of `block` entries, then within the chosen block), so the work is one pass over the row.
+    Blocks of 256 whatever the vocabulary: another split rounds the CDF's sums differently and
+    changes rare draws of earlier runs (`argmax`, exact, picks its blocks).
     """
     return _categorical(key, logits_bv, block)[0]
 
 
 def _categorical(key: jax.Array, logits_bv: jax.Array,
-                 block: int | None = None) -> tuple[jax.Array, jax.Array]:
+                 block: int = 256) -> tuple[jax.Array, jax.Array]:
     """`categorical`, and each row's logsumexp [B] from the same pass (max + log of the sum)."""
     b, v = logits_bv.shape
-    # Blocks of 256 whatever the vocabulary: another split rounds the CDF's sums differently and
-    # would change rare draws of earlier runs (the argmax below is exact, so it may pick).
-    block = block or 256
     nb = -(-v // block)
     logits = jnp.pad(logits_bv, ((0, 0), (0, nb * block - v)), constant_values=-jnp.inf)
     top_b = jnp.max(logits, axis=-1)

@@ -115,7 +115,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json",
     rope_params = _object(hf, "rope_parameters", where)
     rope_scaling = _object(hf, "rope_scaling", where)
     if family == "gemma3":
-        rp = rope_params or {}
+        rp = rope_params
         if "full_attention" not in rp:  # old form: rope_theta, rope_local_base_freq, rope_scaling
             rp = {"full_attention": {**rope_scaling,
                                      "rope_theta": hf.get("rope_theta", 1e6)},
