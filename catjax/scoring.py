@@ -77,12 +77,15 @@ def _shared_prefix_logits(cfg: ModelConfig, params: Params, prefix_gp, prefix_le
     r, s = suffix_rs.shape
     cache = models.init_cache(cfg, g, p + s)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (g, p))
-    _, cache = models.hidden_cached(cfg, params, prefix_gp, positions, cache, prefill=True)
+    _, cache = models.hidden_cached(cfg, params, prefix_gp, positions, cache, prefill=True,
+                                    kv_only_last=True)  # only the keys/values are read
     cache = jax.tree.map(lambda c: jnp.take(c, group_r, axis=1), cache)
     positions = prefix_len_g[group_r][:, None] + jnp.arange(s, dtype=jnp.int32)
-    hidden, _ = models.hidden_cached(cfg, params, suffix_rs, positions, cache)
-    last = jnp.take_along_axis(hidden, (suffix_len_r - 1)[:, None, None], axis=1)
-    return models.logits_from_hidden(cfg, params, last)[:, 0]
+    # The last layer runs whole only at each suffix's last token, the one scored.
+    x, cache = models.hidden_cached(cfg, params, suffix_rs, positions, cache, kv_only_last=True)
+    x_rd = jnp.take_along_axis(x, (suffix_len_r - 1)[:, None, None], axis=1)[:, 0]
+    last = models.last_layer_at(cfg, params, x_rd, positions[:, 0] + suffix_len_r - 1, cache)
+    return models.logits_from_hidden(cfg, params, last[:, None])[:, 0]
 
 
 def _grouped_last_token_logits(cfg: ModelConfig, params: Params,

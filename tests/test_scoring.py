@@ -24,9 +24,11 @@ def test_continuation_logprobs_and_last_token_logits_match_forward():
         np.testing.assert_allclose(lg, np.asarray(logits[len(p) - 1]), atol=1e-4)
 
 
-def test_grouped_prompts_share_their_prefix_with_the_same_logits():
-    # Rows judging one response share its tokens: those run once, then each row's own end.
-    cfg = models.get_preset("tiny_gemma3")  # sliding-window layers too
+@pytest.mark.parametrize("overrides", [{}, {"sliding_pattern": (False, True, True)}])
+def test_grouped_prompts_share_their_prefix_with_the_same_logits(overrides):
+    # Rows judging one response share its tokens: those run once, then each row's own end (the
+    # last layer whole only at its last token; sliding, in the second case).
+    cfg = models.get_preset("tiny_gemma3", **overrides)  # sliding-window layers too
     assert cfg.sliding_window and cfg.sliding_window < 40
     params = models.init_params(cfg, jax.random.key(1))
     rng = np.random.default_rng(1)

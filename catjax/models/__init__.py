@@ -30,6 +30,7 @@ from catjax.models.decoder import (
     hidden_states,
     init_cache,
     init_params,
+    last_layer_at,
     logical_axes,
     logits_from_hidden,
     num_flops_per_token,
@@ -44,7 +45,8 @@ __all__ = [
     "PRESETS", "KVCache", "ModelConfig", "Params", "RopeConfig", "SharedPromptCache",
     "abstract_params", "init_shared_cache",
     "decode_layout", "decode_step", "embed", "forward", "forward_cached", "from_pretrained",
-    "get_preset", "hidden_cached", "hidden_states", "init_cache", "init_params", "logical_axes",
+    "get_preset", "hidden_cached", "hidden_states", "init_cache", "init_params", "last_layer_at",
+    "logical_axes",
     "logits_from_hidden", "num_flops_per_token", "param_count", "param_shapes", "prefill",
     "save_pretrained", "token_logprobs", "unstack_layers",
 ]

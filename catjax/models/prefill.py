@@ -8,6 +8,9 @@ before it in the cache (`hidden_cached(prefill=True, start=...)`). Two things fo
 - Activations exist for one chunk at a time: the MLP's [B, chunk, F] instead of [B, P, F]
   (0.85 GiB per question for Qwen 3 4B's 13k-token synthesis prompt in bfloat16; XLA's TPU
   compiler puts that call's temporaries 0.83 GiB lower, bench/RESULTS.md).
+- The last layer runs whole only at each row's last prompt token, where the first token is
+  drawn: elsewhere it just writes its keys and values (`hidden_cached(kv_only_last=True)`,
+  then `last_layer_at`).
 The causal attention work is the same as one pass whose queries attend in blocks of `chunk`.
 """
 
@@ -17,16 +20,19 @@ import jax
 import jax.numpy as jnp
 
 from catjax.models.config import ModelConfig
-from catjax.models.decoder import KVCache, Params, hidden_cached
+from catjax.models.decoder import KVCache, Params, hidden_cached, last_layer_at
 
 
 def prefill(cfg: ModelConfig, params: Params, tokens_bp: jax.Array, prompt_len_b: jax.Array,
-            cache: KVCache, *, chunk: int) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, *, chunk: int,
+            whole_last_layer: bool = False) -> tuple[jax.Array, KVCache]:
     """Write prompts [B, P] (row b's first prompt_len_b[b] tokens are real) from slot 0.
 
     Returns each row's hidden state at its last prompt token [B, D] (before the final norm) and
     the cache. Slots of skipped chunks keep the cache's zeros: they are past every row's prompt,
     where decoding writes or masks, as for the padding tokens of the chunks that do run.
+    `whole_last_layer`: run the last layer at every position too (the same results, slower;
+    kept for benchmarks that compare the two).
     """
     b, p = tokens_bp.shape
     if chunk < 1:
@@ -38,7 +44,8 @@ def prefill(cfg: ModelConfig, params: Params, tokens_bp: jax.Array, prompt_len_b
         last_bd, cache = carry
         positions = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
         x_btd, cache = hidden_cached(cfg, params, tokens_bp[:, lo:hi], positions, cache,
-                                     q_chunk=hi - lo, prefill=True, start=lo)
+                                     q_chunk=hi - lo, prefill=True, start=lo,
+                                     kv_only_last=not whole_last_layer)
         idx_b = prompt_len_b - 1 - lo  # the last prompt token's index in this chunk
         here_b = (idx_b >= 0) & (idx_b < hi - lo)
         x_bd = jnp.take_along_axis(x_btd, jnp.clip(idx_b, 0, hi - lo - 1)[:, None, None],
@@ -53,4 +60,7 @@ def prefill(cfg: ModelConfig, params: Params, tokens_bp: jax.Array, prompt_len_b
         else:
             carry = jax.lax.cond(lo < longest, lambda c, lo=lo, hi=hi: run(lo, hi, c),
                                  lambda c: c, carry)
-    return carry
+    last_bd, cache = carry
+    if whole_last_layer:
+        return last_bd, cache
+    return last_layer_at(cfg, params, last_bd, prompt_len_b - 1, cache, num_slots=p), cache

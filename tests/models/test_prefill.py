@@ -9,13 +9,17 @@ import pytest
 from catjax import models
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("tiny_qwen3", {}),
-    ("tiny_gemma3", {"sliding_window": 6}),  # a window shorter than a chunk and than the prompt
+@pytest.mark.parametrize("preset,overrides,per_layer", [
+    ("tiny_qwen3", {}, False),
+    ("tiny_qwen3", {}, True),  # per-layer weights (`unstack_layers`): unrolled layers
+    ("tiny_gemma3", {"sliding_window": 6}, False),  # a window shorter than a chunk and the prompt
+    # The last layer (run whole only at each row's last token) sliding: its window must hold.
+    ("tiny_gemma3", {"sliding_window": 6, "sliding_pattern": (False, True, True)}, False),
 ])
-def test_chunks_equal_one_pass_and_padding_chunks_are_skipped(preset, overrides):
+def test_chunks_equal_one_pass_and_padding_chunks_are_skipped(preset, overrides, per_layer):
     cfg = models.get_preset(preset, **overrides)
     params = models.init_params(cfg, jax.random.key(0))
+    layer_params = models.unstack_layers(params) if per_layer else params
     b, p, chunk, slots = 3, 32, 5, 40  # chunks [0,5) .. [30,32): the last one is short
     prompt_len = jnp.asarray([17, 9, 1])  # chunks from [20, 25) on hold only padding
     tokens = jax.random.randint(jax.random.key(1), (b, p), 0, cfg.vocab_size)
@@ -26,8 +30,12 @@ def test_chunks_equal_one_pass_and_padding_chunks_are_skipped(preset, overrides)
     want_last = jnp.take_along_axis(want_x, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
 
     last, cache = jax.jit(lambda t, n: models.prefill(
-        cfg, params, t, n, models.init_cache(cfg, b, slots), chunk=chunk))(tokens, prompt_len)
+        cfg, layer_params, t, n, models.init_cache(cfg, b, slots), chunk=chunk))(tokens, prompt_len)
     np.testing.assert_allclose(last, want_last, atol=2e-5)
+    whole, _ = models.prefill(cfg, layer_params, tokens, prompt_len,
+                              models.init_cache(cfg, b, slots), chunk=chunk, whole_last_layer=True)
+    np.testing.assert_allclose(whole, want_last, atol=2e-5)
+    cache = cache.stacked()
     for got, want in ((cache.k_lbksh, want_cache.k_lbksh), (cache.v_lbksh, want_cache.v_lbksh)):
         # Slots up to the end of the last chunk that runs hold what one pass writes there ...
         np.testing.assert_allclose(got[:, :, :, :20], want[:, :, :, :20], atol=2e-5)
