@@ -64,6 +64,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (storage unreachable, timed out, or corrupt)."""
 
 
+class ShapeMismatch(ValueError):
+    """A saved item's tree structure or shapes differ from the ones asked for."""
+
+
 # --------------------------------------------------------------------------- GCS retry policy
 
 
@@ -411,7 +415,7 @@ class Checkpointer:
         except (TypeError, ValueError):
             same = False
         if not same:
-            raise ValueError(f"{self.directory}: the checkpoint's {key!r} do not match the "
+            raise ShapeMismatch(f"{self.directory}: the checkpoint's {key!r} do not match the "
                              "expected structure and shapes")
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
             sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract)

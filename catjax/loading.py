@@ -79,11 +79,9 @@ def params_from_checkpoint(directory: str, like: Any) -> Any:
     ckpt = checkpoint.Checkpointer(directory, async_save=False)
     try:
         return ckpt.restore_item("params", like)
-    except ValueError as e:
-        if "do not match" in str(e):
-            raise ValueError(f"{directory}: checkpoint parameters do not match model.init's "
-                             "architecture") from None
-        raise
+    except checkpoint.ShapeMismatch:
+        raise ValueError(f"{directory}: checkpoint parameters do not match model.init's "
+                         "architecture") from None
     finally:
         ckpt.close()
 

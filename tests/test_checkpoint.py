@@ -483,7 +483,7 @@ def test_restore_item_reads_one_entry_as_asked(tmp_path):
         got = ckpt.restore_item("params", {"w": np.zeros((3, 4), jnp.bfloat16)})
         assert got["w"].dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got["w"], np.float32), np.asarray(state["params"]["w"]))
-        with pytest.raises(ValueError, match="'params' do not match"):
+        with pytest.raises(checkpoint.ShapeMismatch, match="'params' do not match"):
             ckpt.restore_item("params", {"w": np.zeros((4, 4), np.float32)})
         with pytest.raises(ValueError, match="has no 'policy' item"):
             ckpt.restore_item("policy", {"w": np.zeros((3, 4), np.float32)})
