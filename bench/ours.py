@@ -42,6 +42,20 @@ from catjax.cat.local_judge import LocalJudge  # noqa: E402
 from catjax.datasets.records import Example  # noqa: E402
 from catjax.rl import trainer  # noqa: E402
 
+# Seconds JAX spent tracing, lowering and compiling, so far (a listener on its own events).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_s = [0.0]
+
+
+def _on_duration(event: str, duration_secs: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_s[0] += duration_secs
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
 
 def load(model_dir: str) -> cat_round.Model:
     cfg, params = models.from_pretrained(model_dir)
@@ -192,9 +206,10 @@ def task_cat_step(m, args) -> dict:
     state = {"params": jax.tree.map(jnp.copy, m.params)}
     state["opt"] = opt.init(state["params"])
     keys = iter(jax.random.split(jax.random.key(0), args.repeats + 1))
-    phases = []
+    phases, compiling = [], []
 
     def run():
+        c0 = _compile_s[0]
         t0 = time.perf_counter()
         policy = cat_round.Model(m.cfg, state["params"], m.tokenizer)
         res = cat_round.run_round(policy, anchor, examples, next(keys), rc)
@@ -204,10 +219,14 @@ def task_cat_step(m, args) -> dict:
             m.cfg, state["params"], state["opt"], anchor.params, batch, rl=rl, opt=opt)
         block(mets)
         phases.append(t_round / (time.perf_counter() - t0))
+        compiling.append(_compile_s[0] - c0)
     times, first = workload.timed(run, args.repeats)
+    # A timed step still compiles when its synthesis prompts fall in a new length bucket (a real
+    # run does too, a handful of times); reported apart, not subtracted.
     return {"num_samples": g, "new_tokens": n, "rows": len(examples) * g,
             "micro_batch": args.micro_batch,
-            "round_fraction": float(np.median(phases[1:]))}, times, first
+            "round_fraction": float(np.median(phases[1:])),
+            "compile_s_in_timed": compiling[1:]}, times, first
 
 
 # --- 5. utilisation: the training step's FLOP/s vs the measured matmul peak --------------------

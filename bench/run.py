@@ -351,10 +351,11 @@ def write_markdown(res: dict, pngs: list[str], mode: str) -> None:
                      f"{r['judge_s_per_rollout']:.3f} | {r['judge_vs_rollout_row']:.2f} |")
     if res["scaling_g"] or res["scaling_n"]:
         lines += ["", "### 4. Scaling of one CaT-RL step (rollouts, synthesis, rewards, update with "
-              "the anchor's KL)", "", "| G | N | step s | round share | peak RSS GiB |",
-              "|---|---|---|---|---|"]
+              "the anchor's KL)", "", "| G | N | step s | of which compiling, s (per timed step) "
+              "| round share | peak RSS GiB |", "|---|---|---|---|---|---|"]
         for r in res["scaling_g"] + res["scaling_n"]:
-            lines.append(f"| {r['num_samples']} | {r['new_tokens']} | {_t(r)} | "
+            comp = " / ".join(f"{c:.2f}" for c in r.get("compile_s_in_timed", [])) or "-"
+            lines.append(f"| {r['num_samples']} | {r['new_tokens']} | {_t(r)} | {comp} | "
                      f"{r['round_fraction']:.0%} | {r['peak_rss_mb'] / 1024:.2f} |")
     if res["mfu"]:
         lines += ["", "### 5. Utilisation of the training step (forward + backward + AdamW)", "",
