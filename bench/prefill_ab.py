@@ -97,7 +97,8 @@ def sampler_ab(m, rounds: int, n: int = 64) -> None:
               logprobs=False)
     # Two jits of one function object share JAX's trace cache: each variant traces a copy, with
     # `models.prefill` swapped while it traces.
-    fn, prefill = sampling._sample.__wrapped__, models.prefill
+    fn_jit, prefill = sampling._sample, models.prefill
+    fn = fn_jit.__wrapped__
     jits = {}
     for name, pf in (("trimmed", prefill),
                      ("whole_last", functools.partial(prefill, whole_last_layer=True))):
@@ -109,6 +110,7 @@ def sampler_ab(m, rounds: int, n: int = 64) -> None:
             jax.block_until_ready(sampling.sample(m.cfg, m.params, pr, rng=jax.random.key(1),
                                                   temperature=temp, **kw))
     models.prefill = prefill
+    compiled = {v: j._cache_size() for v, j in jits.items()}
     times = {(v, t): [] for v in jits for t in tasks}
     tokens = {}
     for r in range(rounds):
@@ -120,6 +122,10 @@ def sampler_ab(m, rounds: int, n: int = 64) -> None:
                                                           temperature=temp, **kw))
                 times[(v, t)].append(time.perf_counter() - t0)
                 tokens.setdefault((t, r), []).append(np.asarray(o.tokens))
+    sampling._sample = fn_jit
+    # A trace during the rounds would have used the prefill in place then, not its variant's.
+    if {v: j._cache_size() for v, j in jits.items()} != compiled:
+        sys.exit("prefill_ab: a variant traced again while timed; its figures are not its own")
     print("same tokens:", all(np.array_equal(*pair) for pair in tokens.values()))
     for v in jits:
         syn_t, roll_t = times[(v, "synthesis")], times[(v, "rollout")]

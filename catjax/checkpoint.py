@@ -416,7 +416,7 @@ class Checkpointer:
             same = False
         if not same:
             raise ShapeMismatch(f"{self.directory}: the checkpoint's {key!r} do not match the "
-                             "expected structure and shapes")
+                                "expected structure and shapes")
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
             sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), abstract)
 

@@ -7,18 +7,23 @@ import numpy as np
 import pytest
 
 from catjax import models
+from tests.models.test_decode import _noisy
 
 
 @pytest.mark.parametrize("preset,overrides,per_layer", [
-    ("tiny_qwen3", {}, False),
+    ("tiny_qwen3", {"attention_bias": True}, False),  # biases and q/k norms
     ("tiny_qwen3", {}, True),  # per-layer weights (`unstack_layers`): unrolled layers
+    ("tiny_qwen3", {"num_layers": 1}, False),  # the last layer is the only one
+    ("tiny_llama", {"attn_logit_softcap": 5.0}, False),
     ("tiny_gemma3", {"sliding_window": 6}, False),  # a window shorter than a chunk and the prompt
     # The last layer (run whole only at each row's last token) sliding: its window must hold.
     ("tiny_gemma3", {"sliding_window": 6, "sliding_pattern": (False, True, True)}, False),
 ])
 def test_chunks_equal_one_pass_and_padding_chunks_are_skipped(preset, overrides, per_layer):
     cfg = models.get_preset(preset, **overrides)
-    params = models.init_params(cfg, jax.random.key(0))
+    # Random norms and biases: the last layer's keys and values, computed apart, must read the
+    # same weights as the whole layer does.
+    params = _noisy(models.init_params(cfg, jax.random.key(0)), jax.random.key(2))
     layer_params = models.unstack_layers(params) if per_layer else params
     b, p, chunk, slots = 3, 32, 5, 40  # chunks [0,5) .. [30,32): the last one is short
     prompt_len = jnp.asarray([17, 9, 1])  # chunks from [20, 25) on hold only padding
