@@ -313,11 +313,13 @@ class Checkpointer:
         ocp = self._ocp
         meta_json = _encode_meta(dict(meta or {}))  # fails here, clearly, on non-JSON meta
         step = int(step)
+        if not (force or step % self._interval == 0):  # before any listing: called every step
+            return False
         # Locally, our own listing (Orbax's counts step directories that hold no checkpoint),
         # and the save still in flight.
         last = self._mgr.latest_step() if self._is_gcs else max(
             (s for s in (self.latest_step(), self._pending) if s is not None), default=None)
-        if (last is not None and step <= last) or not (force or step % self._interval == 0):
+        if last is not None and step <= last:
             return False
         self.wait()  # surfaces a failure of the previous async save as such
         if self._is_gcs:

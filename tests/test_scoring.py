@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catjax import models, scoring
-from tests.models.test_decode import _noisy
+from tests.tiny_model import noisy_params
 
 
 def test_continuation_logprobs_and_last_token_logits_match_forward():
@@ -31,7 +31,7 @@ def test_grouped_prompts_share_their_prefix_with_the_same_logits(overrides):
     # last layer whole only at its last token; sliding, in the second case).
     cfg = models.get_preset("tiny_gemma3", **overrides)  # sliding-window layers too
     assert cfg.sliding_window and cfg.sliding_window < 40
-    params = _noisy(models.init_params(cfg, jax.random.key(1)), jax.random.key(3))
+    params = noisy_params(models.init_params(cfg, jax.random.key(1)), jax.random.key(3))
     rng = np.random.default_rng(1)
     shared = rng.integers(1, 500, 40).tolist()
     prompts, groups = [], []

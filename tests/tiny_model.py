@@ -15,6 +15,15 @@ import numpy as np
 from catjax import models
 
 
+def noisy_params(params: models.Params, rng: jax.Array) -> models.Params:
+    """`params` plus noise everywhere, norms and (zero-initialised) biases included, so that a
+    weight read from the wrong place shows in a comparison."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(rng, len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys, strict=True)])
+
+
 def numpy_params(cfg: models.ModelConfig, seed: int = 0) -> models.Params:
     rng = np.random.default_rng(seed)
 

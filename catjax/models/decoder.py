@@ -494,18 +494,18 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
         return x, KVCache(tuple(ks), tuple(vs))
     cache = cache.stacked()
     layers, sliding_l = params["layers"], jnp.asarray(cfg.layer_is_sliding())
-    carry = (x, cache.k_lbksh, cache.v_lbksh)
-    if not kv_only_last:
-        (x, ck, cv), _ = jax.lax.scan(body, carry, (layers, sliding_l, jnp.arange(cfg.num_layers)))
-        return x, KVCache(ck, cv)
 
-    # The first L-1 layers indexed inside the loop (slicing them out of the stacked weights would
-    # copy them); the last one is sliced once.
+    # Layers indexed inside the loop, as a scan over them would: slicing the first L-1 out of
+    # the stacked weights would copy them. A kv-only last layer is sliced once, after the loop.
     def layer(i):
         return jax.tree.map(lambda a: a[i], layers), sliding_l[i], i
 
-    carry, _ = jax.lax.scan(lambda c, i: body(c, layer(i)), carry, jnp.arange(last))
-    (x, ck, cv), _ = kv_only(carry, layer(last))
+    carry = (x, cache.k_lbksh, cache.v_lbksh)
+    carry, _ = jax.lax.scan(lambda c, i: body(c, layer(i)), carry,
+                            jnp.arange(last if kv_only_last else cfg.num_layers))
+    if kv_only_last:
+        carry, _ = kv_only(carry, layer(last))
+    x, ck, cv = carry
     return x, KVCache(ck, cv)
 
 

@@ -8,14 +8,7 @@ import pytest
 
 from catjax import models
 from catjax.models import decode
-
-
-def _noisy(params, rng):
-    """Random norms and biases, so that a weight read from the wrong place shows."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(rng, len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys, strict=True)])
+from tests.tiny_model import noisy_params
 
 
 @pytest.mark.parametrize("preset,overrides,weights_first,window", [
@@ -30,7 +23,7 @@ def _noisy(params, rng):
 def test_decode_steps_equal_hidden_cached_over_per_row_caches(preset, overrides, weights_first,
                                                               window):
     cfg = models.get_preset(preset, **overrides)
-    params = _noisy(models.init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    params = noisy_params(models.init_params(cfg, jax.random.key(0)), jax.random.key(1))
     b, g, p, n = 2, 3, 8, 5
     prompt_len = jnp.asarray([8, 3])  # the second prompt is padded: its slots 3..7 are stale
     prompt = jax.random.randint(jax.random.key(2), (b, p), 0, cfg.vocab_size)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from catjax import models
-from tests.models.test_decode import _noisy
+from tests.tiny_model import noisy_params
 
 
 @pytest.mark.parametrize("preset,overrides,per_layer", [
@@ -23,7 +23,7 @@ def test_chunks_equal_one_pass_and_padding_chunks_are_skipped(preset, overrides,
     cfg = models.get_preset(preset, **overrides)
     # Random norms and biases: the last layer's keys and values, computed apart, must read the
     # same weights as the whole layer does.
-    params = _noisy(models.init_params(cfg, jax.random.key(0)), jax.random.key(2))
+    params = noisy_params(models.init_params(cfg, jax.random.key(0)), jax.random.key(2))
     layer_params = models.unstack_layers(params) if per_layer else params
     b, p, chunk, slots = 3, 32, 5, 40  # chunks [0,5) .. [30,32): the last one is short
     prompt_len = jnp.asarray([17, 9, 1])  # chunks from [20, 25) on hold only padding
