@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=13312, help="prompt slots per chip")
     ap.add_argument("--preset", default="qwen3_4b")
     args = ap.parse_args()
+    if not os.path.isdir(os.path.join(args.libtpu, "libtpu")):
+        sys.exit(f"tpu_aot_prefill: --libtpu {args.libtpu}: no libtpu package there (install it "
+                 "with the pip line in this script's docstring)")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     sys.path.insert(0, args.libtpu)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
