@@ -2,18 +2,27 @@
 
     .venv/bin/pip install --no-deps --target /tmp/libtpu "libtpu==0.0.42.*"   # jax 0.10.2's
     .venv/bin/python bench/tpu_aot_prefill.py --libtpu /tmp/libtpu [--prompt 13312]
+    .venv/bin/python bench/tpu_aot_prefill.py --libtpu /tmp/libtpu --sampler [--prompt 1024]
 
 Qwen 3 4B (bfloat16, replicated), a v5e 2x2 slice with its 4 chips on the data axis, one prompt
 per chip, chunks of 1024 (the sampler's default off CPUs), a bfloat16 cache of the prompt's
-slots: `models.prefill` with the last layer whole at every position and as it runs now. Prints
-XLA's temporaries per chip for each. (Its cost analysis counts a loop body once, so its FLOPs
-and bytes say little here.)
+slots: `models.prefill` with the last layer whole at every position, as it runs now without
+telling it the mesh, and as the sampler runs it (`mesh=`: each chip writes its own rows' keys
+and values). Prints XLA's temporaries per chip and the collectives in each compiled program.
+(Its cost analysis counts a loop body once, so its FLOPs and bytes say little here.)
+
+`--sampler`: the whole sampler instead (`sampling._sample`, the TPU's scan decode), 8 rollouts
+of 512 new tokens per prompt at Qwen 3's recommended temperature 0.7, top-k 20, top-p 0.8:
+its temporaries and collectives. Rows split over the chips should move nothing between them
+but scalars (a u32, and the prefill's "any prompt still running" past its first chunk).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import sys
 import time
 
@@ -25,6 +34,7 @@ def main() -> None:
     ap.add_argument("--libtpu", required=True, help="a folder holding the libtpu package")
     ap.add_argument("--prompt", type=int, default=13312, help="prompt slots per chip")
     ap.add_argument("--preset", default="qwen3_4b")
+    ap.add_argument("--sampler", action="store_true", help="compile the whole sampler")
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(args.libtpu, "libtpu")):
         sys.exit(f"tpu_aot_prefill: --libtpu {args.libtpu}: no libtpu package there (install it "
@@ -43,7 +53,7 @@ def main() -> None:
     jax.config.update("jax_platforms", "cpu")  # compile for the TPU topology, run nothing
     devices = get_topology_desc(platform="tpu", topology_name="v5e:2x2",
                                 chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-    mesh = Mesh(np.array(devices), ("data",))
+    mesh = Mesh(np.array(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
     cfg = models.get_preset(args.preset)
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -51,22 +61,44 @@ def main() -> None:
     b, p = len(devices), args.prompt
     tokens = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rows)
-    for whole in (True, False):
-        def prefill(params, tokens, lengths, whole=whole):
+    if args.sampler:
+        from catjax import sampling
+
+        # The accelerators' choices, though the compile runs on the CPU backend: blocked top-k,
+        # nucleus search, prefill chunks of 1024.
+        sampling._on_cpu = lambda: False
+        sampling.default_prefill_chunk = lambda: models.decoder.DEFAULT_Q_CHUNK
+        t0 = time.perf_counter()
+        compiled = sampling._sample.lower(
+            cfg, params, tokens, lengths, jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+            sp=sampling.SamplingParams(0.7, 20, 0.8), num_samples=8, max_new_tokens=512,
+            stop_ids=(1,), pad_id=0, cache_dtype="bfloat16", mesh=mesh).compile()
+        report(f"{args.preset}, the sampler, 8 x 512 new tokens per {p}-token prompt", compiled, t0)
+        return
+    variants = {"last layer whole everywhere": dict(whole_last_layer=True),
+                "last layer whole at the last token only": dict(),
+                "and each chip writing its own rows (mesh=)": dict(mesh=mesh)}
+    for name, kw in variants.items():
+        def prefill(params, tokens, lengths, kw=kw):
             cache = jax.tree.map(
                 lambda c: jax.lax.with_sharding_constraint(c, NamedSharding(mesh, P(None, "data"))),
                 models.init_cache(cfg, b, p, jnp.bfloat16))
-            return models.prefill(cfg, params, tokens, lengths, cache, chunk=1024,
-                                  whole_last_layer=whole)
+            return models.prefill(cfg, params, tokens, lengths, cache, chunk=1024, **kw)
 
         t0 = time.perf_counter()
-        mem = jax.jit(prefill).lower(params, tokens, lengths).compile().memory_analysis()
-        print(f"{args.preset}, {p}-token prompt per chip, last layer "
-              f"{'whole everywhere' if whole else 'whole at the last token only'}: temporaries "
-              f"{mem.temp_size_in_bytes / 2**30:.2f} GiB per chip, arguments "
-              f"{mem.argument_size_in_bytes / 2**30:.2f} GiB (compiled in "
-              f"{time.perf_counter() - t0:.0f} s)", flush=True)
+        report(f"{args.preset}, {p}-token prompt per chip, {name}",
+               jax.jit(prefill).lower(params, tokens, lengths).compile(), t0)
 
+
+def report(what: str, compiled, t0: float) -> None:
+    mem = compiled.memory_analysis()
+    moved = collections.Counter(re.findall(
+        r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)\(", compiled.as_text()))
+    listed = ", ".join(f"{n} x {op} {shape}" for (shape, op), n in sorted(moved.items()))
+    print(f"{what}: temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB per chip, arguments "
+          f"{mem.argument_size_in_bytes / 2**30:.2f} GiB (compiled in "
+          f"{time.perf_counter() - t0:.0f} s); collectives in the program: {listed or 'none'}",
+          flush=True)
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from catjax import hostinfo
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both (data parallel and FSDP)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -50,7 +51,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 def batch_sharding(mesh: Mesh, ndim: int = 1, batch_axis: int = 0) -> NamedSharding:
     """Shard one axis of an array over every data-parallel axis (data and fsdp)."""
     spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
+    spec[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -26,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from catjax import models, parallel
 from catjax.models import ModelConfig, Params
@@ -177,8 +178,20 @@ def _top_k(x_bv: jax.Array, k: int,
     return vals, idx, best_max[:, k]
 
 
+def _row_top_k(x_bv: jax.Array, k: int, mesh: Mesh | None,
+               block: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_top_k` with each device taking its own rows of a batch split over `mesh`: left to
+    GSPMD, `lax.top_k` gathered every row's input (the [B, V] logits, or the block maxima and
+    picked blocks) to every device, each decode step."""
+    if mesh is None or parallel.data_parallel_size(mesh) == 1:
+        return _top_k(x_bv, k, block)
+    rows = PartitionSpec(parallel.BATCH_AXES)
+    return jax.shard_map(lambda x: _top_k(x, k, block), mesh=mesh, in_specs=rows,
+                         out_specs=rows, axis_names=set(parallel.BATCH_AXES), check_vma=False)(x_bv)
+
+
 def _nucleus_mask(scaled_bv: jax.Array, top_p: float, candidates: int = 256,
-                  block: int | None = None) -> jax.Array:
+                  block: int | None = None, mesh: Mesh | None = None) -> jax.Array:
     """Tokens of the nucleus (smallest set of mass >= top_p), without sorting the vocabulary.
 
     Usually the nucleus lies within the top `candidates` tokens (`_top_k`) and the cut is
@@ -187,7 +200,7 @@ def _nucleus_mask(scaled_bv: jax.Array, top_p: float, candidates: int = 256,
     search over the whole vocabulary decide.
     """
     probs = jax.nn.softmax(scaled_bv, axis=-1)
-    top, _, bound = _top_k(probs, candidates, block)
+    top, _, bound = _row_top_k(probs, candidates, mesh, block)
     before = jnp.cumsum(top, axis=-1) - top
     t_fast = jnp.min(jnp.where(before < top_p, top, jnp.inf), axis=-1)
     # Exact when the candidates reach top_p and every token above the cut is a candidate.
@@ -256,15 +269,16 @@ def argmax(x_bv: jax.Array, block: int | None = None) -> jax.Array:
     return (blk * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
 
 
-def draw(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams, logprobs: bool = True
-         ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def draw(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams, logprobs: bool = True,
+         mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Draw tokens [B]; with `logprobs`, their log-probs under the sampling distribution and
     under the plain model (else None, None: at 32 x 49k, T 0.7, a 0.75 against 1.45 ms draw).
 
     A log-prob is `logit[token] - logsumexp(logits)`, never a full [B, V] log-softmax (at 32
     rows x 150k that is most of a small model's decode step on a CPU); the sampling law's
     logsumexp comes out of the draw's own pass, the plain model's costs one more unless the
-    two laws are the same (temperature 1, no truncation).
+    two laws are the same (temperature 1, no truncation). `mesh`: the rows are split over its
+    data-parallel axes.
     """
     logits_bv = logits_bv.astype(jnp.float32)
 
@@ -278,7 +292,7 @@ def draw(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams, logprobs: boo
         return tok, (jnp.zeros(tok.shape, jnp.float32) if logprobs else None), model_lp(tok)
     scaled = logits_bv / sp.temperature
     if sp.top_k > 0:
-        vals_bk, idx_bk, _ = _top_k(scaled, min(sp.top_k, scaled.shape[-1]))
+        vals_bk, idx_bk, _ = _row_top_k(scaled, min(sp.top_k, scaled.shape[-1]), mesh)
         if sp.top_p < 1:
             # vals are sorted: keep a token while the mass before it is below top_p.
             probs = jax.nn.softmax(vals_bk, axis=-1)
@@ -289,7 +303,7 @@ def draw(logits_bv: jax.Array, key: jax.Array, sp: SamplingParams, logprobs: boo
         lp = _take(vals_bk, choice) - lse_b if logprobs else None
         return tok, lp, model_lp(tok)
     if sp.top_p < 1:
-        scaled = jnp.where(_nucleus_mask(scaled, sp.top_p), scaled, -jnp.inf)
+        scaled = jnp.where(_nucleus_mask(scaled, sp.top_p, mesh=mesh), scaled, -jnp.inf)
     tok, lse_b = _categorical(key, scaled)
     if not logprobs:
         return tok, None, None
@@ -331,7 +345,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     cache = jax.tree.map(lambda c: on_batch(c, 1), models.init_cache(
         cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
     last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
-                                    chunk=default_prefill_chunk())
+                                    chunk=default_prefill_chunk(), mesh=mesh)
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
                            axis=0)
     if shared:
@@ -359,7 +373,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
         # One key per step for all R rows: with jax_threefry_partitionable (the default since
         # JAX 0.5) each row's bits depend only on (key, R, row), however the rows are split
         # over devices and processes.
-        tok, lp, mlp = draw(logits, jax.random.fold_in(rng, step), sp, logprobs)
+        tok, lp, mlp = draw(logits, jax.random.fold_in(rng, step), sp, logprobs, mesh)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         toks = toks.at[:, step].set(tok)
@@ -377,7 +391,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             # Every row writes generated token `step` at slot prompt_len + step (< P + N);
             # finished rows write pad tokens that nothing reads.
             hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None],
-                                                 (pos_r + step)[:, None], cache)
+                                                 (pos_r + step)[:, None], cache, mesh=mesh)
         axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
         cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
         logits = on_batch(models.logits_from_hidden(cfg, params, hidden)[:, 0])

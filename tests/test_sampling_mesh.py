@@ -1,28 +1,48 @@
-"""The sampler with its batch split over a 4-device data mesh equals the single-device result."""
+"""The sampler with its batch split over a 4-device data mesh equals the single-device result,
+and its compiled program moves no rows between devices."""
 
 import textwrap
 
 from tests.devices import run_on_devices
 
 SCRIPT = textwrap.dedent("""
+    import re
     import jax, numpy as np
     from catjax import models, parallel, sampling
     cfg = models.get_preset("tiny_llama")
     params = models.init_params(cfg, jax.random.key(0))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
-    kw = dict(num_samples=2, max_new_tokens=12, rng=jax.random.key(3), temperature=0.9,
-              top_p=0.9, stop_ids=(3,), logprobs=True)
-    single = sampling.sample(cfg, params, prompts, **kw)
+    kw = dict(num_samples=2, max_new_tokens=12, rng=jax.random.key(3), stop_ids=(3,),
+              logprobs=True)
     mesh = parallel.make_mesh()
     assert mesh.shape["data"] == 4
-    sharded = sampling.sample(cfg, jax.device_put(params, parallel.replicated(mesh)), prompts,
-                              mesh=mesh, **kw)
-    assert sharded.tokens.shape == single.tokens.shape == (6, 12)
-    np.testing.assert_array_equal(sharded.tokens, single.tokens)
-    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+    on_mesh = jax.device_put(params, parallel.replicated(mesh))
+    calls = []
+    program = sampling._sample
+    sampling._sample = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
+    cases = [("scan", dict(temperature=0.9, top_p=0.9), True),
+             ("weights_first", dict(temperature=0.9, top_p=0.9), True),
+             ("rows_first", dict(temperature=0.9, top_p=0.9), True),
+             ("unrolled", dict(temperature=0.9, top_p=0.9), True),
+             # A paper config's truncation, with the accelerators' blocked top-k.
+             ("scan", dict(temperature=0.7, top_k=20, top_p=0.8), False)]
+    for layout, sp, cpu in cases:
+        sampling._on_cpu = lambda cpu=cpu: cpu
+        single = sampling.sample(cfg, params, prompts, **sp, **kw)
+        sharded = sampling.sample(cfg, on_mesh, prompts, mesh=mesh, decode_layout=layout, **sp,
+                                  **kw)
+        assert sharded.tokens.shape == single.tokens.shape == (6, 12)
+        np.testing.assert_array_equal(sharded.tokens, single.tokens)
+        np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+        # Rows stay on their device: the one collective is the prefill's scalar "any prompt
+        # still running" (the cache writes and top-k once all-gathered every row's keys and
+        # values, and logits, to every device each step).
+        hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
+        moved = re.findall(r"= (\\S+) (all-gather|all-to-all|collective-permute|all-reduce)\\(", hlo)
+        assert set(moved) <= {("pred[]", "all-reduce")}, (layout, sp, sorted(set(moved)))
     print("OK")
 """)
 
 
-def test_sampling_on_a_data_mesh_matches_one_device():
-    run_on_devices(SCRIPT, 4, timeout=300)
+def test_sampling_on_a_data_mesh_matches_one_device_and_keeps_rows_local():
+    run_on_devices(SCRIPT, 4, timeout=400)

@@ -18,7 +18,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from catjax import parallel
 from catjax.models.config import ModelConfig
 from catjax.models.mlp import gated_mlp
 
@@ -413,7 +416,8 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                   positions_bt: jax.Array, cache: KVCache, *,
                   q_chunk: int | None = DEFAULT_Q_CHUNK,
                   prefill: bool = False, start: int = 0,
-                  kv_only_last: bool = False) -> tuple[jax.Array, KVCache]:
+                  kv_only_last: bool = False,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Write the keys/values of `tokens_bt` at slots `positions_bt` and attend over the cache.
 
     Slot s of a row holds the token at position s, so causality is `slot <= position` and stale
@@ -436,6 +440,9 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     states returned are that layer's *input*. A prefill needs the last layer's output at one
     position per row (`last_layer_at`), and its queries, attention and MLP elsewhere are waste:
     nearly a quarter of the prefill of a 4-layer model.
+
+    `mesh`: the rows are split over its data-parallel axes (`parallel.BATCH_AXES`), and each
+    device writes the keys/values of its own rows.
     """
     b, t = tokens_bt.shape
     # The key slots attention reads.
@@ -447,11 +454,22 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     if not chunked:  # decode steps and short prompts: masks built once for all layers
         masks = (_attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, False),
                  _attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, True))
-    rows_b1 = jnp.arange(b)[:, None]
 
     def write(c, i, x_btkh):
         # Advanced indices around a slice: the update is laid out [B, T, K, H], as x is.
-        return c.at[i, rows_b1, :, positions_bt].set(x_btkh.astype(c.dtype), mode="drop")
+        def scatter(c, i, x_btkh, positions_bt):
+            rows_b1 = jnp.arange(x_btkh.shape[0])[:, None]
+            return c.at[i, rows_b1, :, positions_bt].set(x_btkh.astype(c.dtype), mode="drop")
+
+        if mesh is None or parallel.data_parallel_size(mesh) == 1:
+            return scatter(c, i, x_btkh, positions_bt)
+        # Each device writes its own rows. Left to GSPMD, the scatter's row indices hide that
+        # rows stay put, and every device was sent every row's new keys and values, each
+        # layer, each step (a vmapped scatter partitions, but costs two copies of the cache).
+        rows = parallel.BATCH_AXES
+        return jax.shard_map(scatter, mesh=mesh, in_specs=(P(None, rows), P(), P(rows), P(rows)),
+                             out_specs=P(None, rows), axis_names=set(rows),
+                             check_vma=False)(c, i, x_btkh, positions_bt)
 
     def rope_for(sliding):
         return jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)

@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from catjax.models.config import ModelConfig
 from catjax.models.decoder import KVCache, Params, hidden_cached, last_layer_at
 
 
 def prefill(cfg: ModelConfig, params: Params, tokens_bp: jax.Array, prompt_len_b: jax.Array,
-            cache: KVCache, *, chunk: int,
-            whole_last_layer: bool = False) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, *, chunk: int, whole_last_layer: bool = False,
+            mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Write prompts [B, P] (row b's first prompt_len_b[b] tokens are real) from slot 0.
 
     Returns each row's hidden state at its last prompt token [B, D] (before the final norm) and
     the cache. Slots of skipped chunks keep the cache's zeros: they are past every row's prompt,
     where decoding writes or masks, as for the padding tokens of the chunks that do run.
     `whole_last_layer`: run the last layer at every position too (the same results, slower;
-    kept for benchmarks that compare the two).
+    kept for benchmarks that compare the two). `mesh`: rows split over its data-parallel axes
+    (`hidden_cached`).
     """
     b, p = tokens_bp.shape
     if chunk < 1:
@@ -45,7 +47,7 @@ def prefill(cfg: ModelConfig, params: Params, tokens_bp: jax.Array, prompt_len_b
         positions = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (b, hi - lo))
         x_btd, cache = hidden_cached(cfg, params, tokens_bp[:, lo:hi], positions, cache,
                                      q_chunk=hi - lo, prefill=True, start=lo,
-                                     kv_only_last=not whole_last_layer)
+                                     kv_only_last=not whole_last_layer, mesh=mesh)
         idx_b = prompt_len_b - 1 - lo  # the last prompt token's index in this chunk
         here_b = (idx_b >= 0) & (idx_b < hi - lo)
         x_bd = jnp.take_along_axis(x_btd, jnp.clip(idx_b, 0, hi - lo - 1)[:, None, None],
