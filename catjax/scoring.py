@@ -13,17 +13,11 @@ from collections.abc import Hashable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from catjax import models, parallel
 from catjax.models import ModelConfig, Params
-from catjax.sampling import bucket_length, check_token_ids
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _last_logits(cfg: ModelConfig, params: Params, tokens_bt, lengths_b):
-    hidden = models.hidden_states(cfg, params, tokens_bt)
-    last = jnp.take_along_axis(hidden, (lengths_b - 1)[:, None, None], axis=1)
-    return models.logits_from_hidden(cfg, params, last)[:, 0]
+from catjax.sampling import bucket_length, check_token_ids, default_prefill_chunk
 
 
 def _check_inputs(cfg: ModelConfig, prompts: Sequence[Sequence[int]], pad_id: int,
@@ -39,124 +33,160 @@ def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
                       groups: Sequence[Hashable] | None = None) -> np.ndarray:
     """float32 logits [B, V] of the token that would follow each prompt.
 
-    `groups` (one key per prompt) marks prompts that share a long start, e.g. one response
-    judged on several criteria: each group's common token prefix is run once and its keys and
-    values are shared by the group's rows (`_shared_prefix_logits`); same logits.
+    Each prompt is split into a prefix, prefilled into a cache, and a suffix (at least its last
+    token) run over that cache and scored at its last token, the only place the last layer
+    runs whole. `groups` (one key per prompt) marks prompts that share a long start, e.g. one
+    response judged on several criteria: a group's common prefix runs once and its keys and
+    values are read by every row of the group. Without groups each prompt is its own.
 
-    Multi-process, with global params (see `is_collective`): every process calls it with its own
-    prompts (maybe none) and gets its own rows; `groups` is not used there.
+    With params on several devices the rows are split over the mesh's data-parallel axes, each
+    group's rows on one device with its prefix. Multi-process (global params, see
+    `is_collective`): every process calls it with its own prompts (maybe none) and gets its own
+    rows; the processes agree on shapes in two small all-gathers.
     """
     if groups is not None and len(groups) != len(prompts):
         raise ValueError(f"last_token_logits: {len(groups)} groups for {len(prompts)} prompts")
     _check_inputs(cfg, prompts, pad_id, "last_token_logits")
-    if is_collective(params):
-        return _last_token_logits_multiprocess(cfg, params, prompts, pad_id, batch_size)
-    if groups is not None:
-        return _grouped_last_token_logits(cfg, params, prompts, groups, pad_id, batch_size)
-    out = []
-    rows = _batch_rows(len(prompts), batch_size)
-    for start in range(0, len(prompts), rows):
-        chunk = list(prompts[start:start + rows])
-        toks = _pad(chunk, rows, bucket_length(max(len(p) for p in chunk)), pad_id)
-        lens = np.asarray([len(p) for p in chunk] + [1] * (rows - len(chunk)), np.int32)
-        logits = _last_logits(cfg, params, jnp.asarray(toks), jnp.asarray(lens))
-        out.append(np.asarray(logits)[:len(chunk)])
-    return np.concatenate(out, 0)
+    parts = _split_groups(prompts, range(len(prompts)) if groups is None else groups)
+    collective = is_collective(params)
+    mesh = parallel.mesh_of(params)
+    if mesh is not None and mesh.devices.size == 1 and not collective:
+        mesh = None
+    procs = jax.process_count() if collective else 1
+    shards = 1 if mesh is None else parallel.data_parallel_size(mesh) // procs
+    if mesh is not None and shards * procs != parallel.data_parallel_size(mesh):
+        raise ValueError(f"last_token_logits: the mesh's {parallel.data_parallel_size(mesh)} "
+                         f"data-parallel devices do not split over {procs} processes")
+    bins = _pack(parts, max(1, batch_size // shards))
+    chunks = -(-len(bins) // shards)
+    if collective:
+        chunks = parallel.process_max([chunks])[0]
+    # Per chunk: the most prefixes and rows a bin holds, the longest prefix and suffix.
+    dims = []
+    for chunk in range(chunks):
+        held = bins[chunk * shards:(chunk + 1) * shards]
+        dims += [max((len(b) for b in held), default=1),
+                 max((sum(len(parts[k][1]) for k in b) for b in held), default=1),
+                 max((len(parts[k][0]) for b in held for k in b), default=0),
+                 max((len(s) for b in held for k in b for _, s in parts[k][1]), default=1)]
+    if collective and dims:
+        dims = parallel.process_max(dims)
+    out = np.zeros((len(prompts), cfg.vocab_size), np.float32)
+
+    def put(x: np.ndarray) -> jax.Array:
+        if mesh is None:
+            return jnp.asarray(x)
+        sharding = parallel.batch_sharding(mesh, x.ndim)
+        return parallel.host_to_global(x, sharding) if collective else jax.device_put(x, sharding)
+
+    for chunk in range(chunks):
+        # Powers of two (rows) and length buckets: a handful of shapes compile, not one per call.
+        most_g, most_r, longest_p, longest_s = dims[4 * chunk:4 * chunk + 4]
+        g, r = _batch_rows(most_g, 1 << 30), _batch_rows(most_r, 1 << 30)
+        # A suffix is often one token (a prompt alone in its group): no 16-wide minimum there.
+        width_p, width_s = bucket_length(longest_p), bucket_length(longest_s, minimum=1)
+        prefix = np.full((shards * g, width_p), pad_id, np.int32)
+        prefix_len = np.zeros(shards * g, np.int32)
+        suffix = np.full((shards * r, width_s), pad_id, np.int32)
+        suffix_len = np.ones(shards * r, np.int32)
+        group = np.zeros(shards * r, np.int32)  # the prefix a row reads, within its shard
+        scored = []  # (row of `suffix`, prompt index)
+        for shard, b in enumerate(bins[chunk * shards:(chunk + 1) * shards]):
+            row = shard * r
+            for j, k in enumerate(b):
+                pre, items = parts[k]
+                prefix[shard * g + j, :len(pre)] = pre
+                prefix_len[shard * g + j] = len(pre)
+                for i, suf in items:
+                    suffix[row, :len(suf)], suffix_len[row], group[row] = suf, len(suf), j
+                    scored.append((row, i))
+                    row += 1
+        logits = _shared_prefix_logits(cfg, params, put(prefix), put(prefix_len), put(suffix),
+                                       put(suffix_len), put(group), mesh=mesh,
+                                       shards=shards * procs)
+        if collective:  # row-split (the compiler may have split the vocabulary) to read ours
+            logits = parallel.local_rows(jax.device_put(logits, parallel.batch_sharding(mesh, 2)))
+        logits = np.asarray(logits)
+        for row, i in scored:
+            out[i] = logits[row]
+    return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "shards"))
 def _shared_prefix_logits(cfg: ModelConfig, params: Params, prefix_gp, prefix_len_g, suffix_rs,
-                          suffix_len_r, group_r):
+                          suffix_len_r, group_r, *, mesh: Mesh | None, shards: int):
     """Next-token logits [R, V] of prefix[group[r]] + suffix[r]: each prefix runs once.
 
-    Prefixes are written into a cache from slot 0 (slot = position), the cache rows are then
-    gathered per suffix, and each suffix is written after its prefix's real length: the padding
-    slots in between are overwritten or causally hidden, as in the sampler's ragged prompts.
+    Rows lie in `shards` blocks (the mesh's data-parallel devices, in order): suffix row r of
+    block d reads prefix `group[r]` of block d, so rows never leave their device. Prefixes are
+    prefilled into a cache from slot 0 (slot = position), its rows gathered per suffix, and
+    each suffix written after its prefix's real length: the padding slots in between are
+    overwritten or causally hidden, as in the sampler's ragged prompts.
     """
     g, p = prefix_gp.shape
     r, s = suffix_rs.shape
-    cache = models.init_cache(cfg, g, p + s)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (g, p))
-    _, cache = models.hidden_cached(cfg, params, prefix_gp, positions, cache, prefill=True,
-                                    kv_only_last=True)  # only the keys/values are read
-    cache = jax.tree.map(lambda c: jnp.take(c, group_r, axis=1), cache)
-    positions = prefix_len_g[group_r][:, None] + jnp.arange(s, dtype=jnp.int32)
+
+    def on_rows(x, axis: int):  # keep `axis` split over the data-parallel devices
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
+
+    cache = jax.tree.map(lambda c: on_rows(c, 1), models.init_cache(cfg, g, p + s))
+    _, cache = models.prefill(cfg, params, prefix_gp, prefix_len_g, cache, mesh=mesh,
+                              chunk=default_prefill_chunk())  # only its keys/values are read
+    group_dr = group_r.reshape(shards, r // shards)
+
+    def per_row(x, axis: int):  # [.., G, ..] -> [.., R, ..]: each row's prefix, on its shard
+        x = on_rows(x.reshape(*x.shape[:axis], shards, g // shards, *x.shape[axis + 1:]), axis)
+        x = jax.vmap(lambda xs, idx: jnp.take(xs, idx, axis=axis), in_axes=(axis, 0),
+                     out_axes=axis)(x, group_dr)
+        return on_rows(x.reshape(*x.shape[:axis], r, *x.shape[axis + 2:]), axis)
+
+    cache = jax.tree.map(lambda c: per_row(c, 1), cache)
+    positions = per_row(prefix_len_g, 0)[:, None] + jnp.arange(s, dtype=jnp.int32)
     # The last layer runs whole only at each suffix's last token, the one scored.
-    x, cache = models.hidden_cached(cfg, params, suffix_rs, positions, cache, kv_only_last=True)
+    x, cache = models.hidden_cached(cfg, params, suffix_rs, positions, cache, kv_only_last=True,
+                                    mesh=mesh)
     x_rd = jnp.take_along_axis(x, (suffix_len_r - 1)[:, None, None], axis=1)[:, 0]
     last = models.last_layer_at(cfg, params, x_rd, positions[:, 0] + suffix_len_r - 1, cache)
     return models.logits_from_hidden(cfg, params, last[:, None])[:, 0]
 
 
-def _grouped_last_token_logits(cfg: ModelConfig, params: Params,
-                               prompts: Sequence[Sequence[int]], groups: Sequence[Hashable],
-                               pad_id: int, batch_size: int) -> np.ndarray:
+def _split_groups(prompts: Sequence[Sequence[int]], groups: Sequence[Hashable]
+                  ) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
+    """(common prefix, [(prompt index, suffix)]) per group; every suffix keeps at least its
+    prompt's last token, the one scored."""
     members: dict[Hashable, list[int]] = {}
     for i, key in enumerate(groups):
         members.setdefault(key, []).append(i)
-    parts = []  # (prefix, [(row, suffix)]): every suffix keeps at least its last token
+    parts = []
     for rows in members.values():
         seqs = [list(prompts[i]) for i in rows]
-        if not all(seqs):
-            raise ValueError("last_token_logits: an empty prompt")
         n = min(len(q) for q in seqs) - 1
         for q in seqs[1:]:
             n = next((j for j in range(n) if q[j] != seqs[0][j]), n)
         parts.append((seqs[0][:n], [(i, q[n:]) for i, q in zip(rows, seqs, strict=True)]))
-    out = np.zeros((len(prompts), cfg.vocab_size), np.float32)
-    start = 0
-    while start < len(parts):  # as many whole groups as fit in batch_size rows (at least one)
-        end, rows = start + 1, len(parts[start][1])
-        while end < len(parts) and rows + len(parts[end][1]) <= batch_size:
-            rows += len(parts[end][1])
-            end += 1
-        chunk = parts[start:end]
-        prefixes = [pre for pre, _ in chunk]
-        suffixes = [(k, i, suf) for k, (_, items) in enumerate(chunk) for i, suf in items]
-        # Powers of two (rows) and length buckets: a handful of shapes compile, not one per call.
-        g, r = _batch_rows(len(prefixes), 1 << 30), _batch_rows(len(suffixes), 1 << 30)
-        prefix = _pad(prefixes, g, bucket_length(max(map(len, prefixes))), pad_id)
-        prefix_len = np.asarray([len(q) for q in prefixes] + [0] * (g - len(prefixes)), np.int32)
-        suffix = _pad([q for _, _, q in suffixes], r,
-                      bucket_length(max(len(q) for _, _, q in suffixes)), pad_id)
-        suffix_len = np.ones(r, np.int32)
-        group = np.zeros(r, np.int32)
-        for j, (k, _, q) in enumerate(suffixes):
-            suffix_len[j], group[j] = len(q), k
-        logits = np.asarray(_shared_prefix_logits(
-            cfg, params, jnp.asarray(prefix), jnp.asarray(prefix_len), jnp.asarray(suffix),
-            jnp.asarray(suffix_len), jnp.asarray(group)))
-        for j, (_, i, _) in enumerate(suffixes):
-            out[i] = logits[j]
-        start = end
-    return out
+    return parts
+
+
+def _pack(parts: Sequence[tuple[list[int], list]], rows: int) -> list[list[int]]:
+    """Consecutive whole groups (indices into `parts`) with at most `rows` suffixes per bin; a
+    larger group has a bin of its own."""
+    bins: list[list[int]] = []
+    used = 0
+    for k, (_, items) in enumerate(parts):
+        if bins and used + len(items) <= rows:
+            bins[-1].append(k)
+            used += len(items)
+        else:
+            bins.append([k])
+            used = len(items)
+    return bins
 
 
 def is_collective(params: Params) -> bool:
     """Whether a forward over `params` is one program over several processes (they must all call)."""
     return jax.process_count() > 1 and parallel.is_global(params)
-
-
-def _last_token_logits_multiprocess(cfg: ModelConfig, params: Params,
-                                    prompts: Sequence[Sequence[int]], pad_id: int,
-                                    batch_size: int) -> np.ndarray:
-    """`last_token_logits` as one program on every process: they agree on the number of chunks,
-    rows per chunk and width (one all-gather); process p's prompts are rows [p*L, (p+1)*L)."""
-    mesh = parallel.mesh_of(params)
-    local_dp = max(1, parallel.data_parallel_size(mesh) // jax.process_count())
-    count, longest = parallel.process_max([len(prompts), max((len(p) for p in prompts), default=1)])
-    rows = -(-_batch_rows(max(count, 1), batch_size) // local_dp) * local_dp
-    width, out = bucket_length(longest), []
-    for start in range(0, max(count, 1), rows):
-        chunk = list(prompts[start:start + rows])
-        toks = _pad(chunk, rows, width, pad_id)
-        lens = np.asarray([len(p) for p in chunk] + [1] * (rows - len(chunk)), np.int32)
-        logits = _last_logits(cfg, params, parallel.host_to_global(toks, parallel.batch_sharding(mesh, 2)),
-                              parallel.host_to_global(lens, parallel.batch_sharding(mesh, 1)))
-        # Row-split (the compiler may have split the vocabulary instead) to read our rows.
-        logits = jax.device_put(logits, parallel.batch_sharding(mesh, 2))
-        out.append(parallel.local_rows(logits)[:len(chunk)])
-    return np.concatenate(out, 0)
 
 
 def _batch_rows(n: int, batch_size: int) -> int:

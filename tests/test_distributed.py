@@ -185,6 +185,15 @@ UNEVEN = textwrap.dedent("""
     want = scoring.last_token_logits(cfg, local, prompts[:3])
     assert got.shape == ((3, cfg.vocab_size) if pid == 0 else (0, cfg.vocab_size))
     np.testing.assert_allclose(got, want[:len(got)], atol=1e-5)
+    # Grouped (one response judged on several criteria), 3 rows here and 2 there: each group's
+    # shared prefix runs once, on the process that holds it.
+    head = [[5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 25, 26]]
+    mine = ([head[0] + [30], head[1] + [33], head[0] + [31, 32]] if pid == 0
+            else [head[1] + [40], head[1] + [41, 42]])
+    keys = ["a", "b", "a"] if pid == 0 else ["c", "c"]
+    got = scoring.last_token_logits(cfg, shared, mine, batch_size=4, groups=keys)
+    want = scoring.last_token_logits(cfg, local, mine)
+    np.testing.assert_allclose(got, want, atol=1e-5)
     # Rubric retries: a process with nothing left to re-ask joins every round of the others.
     calls = []
     def generate(convs):

@@ -1,11 +1,14 @@
 """Teacher-forced scoring equals log-probs read off a plain full forward pass."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from catjax import models, scoring
+from tests.devices import run_on_devices
 from tests.tiny_model import noisy_params
 
 
@@ -46,10 +49,14 @@ def test_grouped_prompts_share_their_prefix_with_the_same_logits(overrides):
         groups += [key] * len(items)
     order = rng.permutation(len(prompts))  # groups interleaved
     prompts, groups = [prompts[i] for i in order], [groups[i] for i in order]
-    want = scoring.last_token_logits(cfg, params, prompts, batch_size=4)
+    want = np.stack([np.asarray(models.forward(cfg, params, jnp.asarray([p], jnp.int32))[0, -1])
+                     for p in prompts])
     got = scoring.last_token_logits(cfg, params, prompts, batch_size=4, groups=groups)
     np.testing.assert_allclose(got, want, atol=1e-4)
+    alone = scoring.last_token_logits(cfg, params, prompts, batch_size=4)  # each its own group
+    np.testing.assert_allclose(alone, want, atol=1e-4)
     assert np.abs(want).max() > 1e-3  # not all zeros
+    assert scoring.last_token_logits(cfg, params, []).shape == (0, cfg.vocab_size)
     with pytest.raises(ValueError, match="3 groups for 14 prompts"):
         scoring.last_token_logits(cfg, params, prompts, groups=groups[:3])
 
@@ -65,3 +72,39 @@ def test_empty_prompts_and_out_of_vocabulary_ids_are_one_line_errors():
         scoring.last_token_logits(cfg, params, [[5, 6]], pad_id=cfg.vocab_size)
     with pytest.raises(ValueError, match=r"continuation_logprobs: sequence 0 holds token id"):
         scoring.continuation_logprobs(cfg, params, [[5]], [[cfg.vocab_size]])
+
+
+MESH = textwrap.dedent("""
+    import re
+    import jax, numpy as np
+    from catjax import models, parallel, scoring
+    cfg = models.get_preset("tiny_qwen3")
+    params = models.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts, groups = [], []
+    for key in range(7):  # responses judged on 1-5 criteria each
+        shared = rng.integers(1, 500, int(rng.integers(20, 60))).tolist()
+        for _ in range(int(rng.integers(1, 6))):
+            prompts.append(shared + rng.integers(1, 500, int(rng.integers(1, 9))).tolist())
+            groups.append(key)
+    want = scoring.last_token_logits(cfg, params, prompts, batch_size=8, groups=groups)
+    calls = []
+    program = scoring._shared_prefix_logits
+    scoring._shared_prefix_logits = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
+    for dims in ((4, 1, 1), (2, 2, 1), (2, 1, 2)):  # (data, fsdp, tensor)
+        mesh = parallel.make_mesh(*dims)
+        on_mesh = jax.device_put(params, parallel.param_shardings(
+            models.param_shapes(cfg), models.logical_axes(cfg), mesh))
+        got = scoring.last_token_logits(cfg, on_mesh, prompts, batch_size=8, groups=groups)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert calls[-1][1]["shards"] == dims[0] * dims[1]
+    # On a data mesh each device scores its own rows, their prefixes beside them: nothing moves.
+    hlo = program.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+    moved = re.findall(r"= (\\S+) (all-gather|all-to-all|collective-permute|all-reduce)\\(", hlo)
+    assert not moved, sorted(set(moved))
+    print("OK")
+""")
+
+
+def test_rows_split_over_a_mesh_give_the_same_logits_and_stay_on_their_device():
+    run_on_devices(MESH, 4, timeout=400)
