@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import sys
 import time
 
@@ -92,8 +91,9 @@ def main() -> None:
 
 def report(what: str, compiled, t0: float) -> None:
     mem = compiled.memory_analysis()
-    moved = collections.Counter(re.findall(
-        r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)\(", compiled.as_text()))
+    from catjax import parallel
+
+    moved = collections.Counter(parallel.collectives(compiled.as_text()))
     listed = ", ".join(f"{n} x {op} {shape}" for (shape, op), n in sorted(moved.items()))
     print(f"{what}: temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB per chip, arguments "
           f"{mem.argument_size_in_bytes / 2**30:.2f} GiB (compiled in "

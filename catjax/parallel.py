@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -240,3 +241,14 @@ def allgather_json(obj: Any) -> list[Any]:
     buf[4:4 + blob.size] = blob
     got = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
     return [json.loads(row[4:4 + int(row[:4].view(np.uint32)[0])].tobytes()) for row in got]
+
+
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) (all-gather|all-to-all|collective-permute|"
+                         r"all-reduce|reduce-scatter|ragged-all-to-all)(-start)?\(", re.M)
+
+
+def collectives(hlo_text: str) -> list[tuple[str, str]]:
+    """(shape, op) of every cross-device collective in a compiled program's text
+    (`jit(f).lower(...).compile().as_text()`): what moves between devices. Combined
+    collectives carry a tuple shape; asynchronous ones are counted at their start."""
+    return [(shape, op + (start or "")) for shape, op, start in _COLLECTIVE.findall(hlo_text)]

@@ -6,7 +6,6 @@ import textwrap
 from tests.devices import run_on_devices
 
 SCRIPT = textwrap.dedent("""
-    import re
     import jax, numpy as np
     from catjax import models, parallel, sampling
     cfg = models.get_preset("tiny_llama")
@@ -38,7 +37,7 @@ SCRIPT = textwrap.dedent("""
         # still running" (the cache writes and top-k once all-gathered every row's keys and
         # values, and logits, to every device each step).
         hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
-        moved = re.findall(r"= (\\S+) (all-gather|all-to-all|collective-permute|all-reduce)\\(", hlo)
+        moved = parallel.collectives(hlo)
         assert set(moved) <= {("pred[]", "all-reduce")}, (layout, sp, sorted(set(moved)))
     print("OK")
 """)

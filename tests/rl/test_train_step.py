@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 
 from catjax import models
 from catjax.rl import trainer
+from tests.devices import run_on_devices
 
 CFG = models.get_preset("tiny_qwen3")
 R, P, N = 8, 8, 10  # 10 completion tokens: chunks of 3 leave a remainder, chunks of 5 do not
@@ -236,3 +238,36 @@ def test_the_update_scores_the_distribution_the_sampler_drew_from():
     at_1, _ = trainer.completion_logprobs(CFG, params, batch)
     np.testing.assert_allclose(np.asarray(at_t), sampled, atol=2e-4)
     assert np.abs(np.asarray(at_1) - sampled).max() > 0.1
+
+
+MESH = textwrap.dedent("""
+    import jax, numpy as np, optax
+    from catjax import models, parallel
+    from catjax.rl import trainer
+    cfg = models.get_preset("tiny_qwen3", vocab_size=512)
+    mesh = parallel.make_mesh()
+    params = jax.device_put(models.init_params(cfg, jax.random.key(0)), parallel.replicated(mesh))
+    r, p, n = 16, 16, 8
+    rng = np.random.default_rng(0)
+    batch = dict(tokens=rng.integers(1, 500, (r, p + n)).astype(np.int32),
+                 positions=np.broadcast_to(np.arange(p + n), (r, p + n)).astype(np.int32),
+                 key_mask=np.ones((r, p + n), bool),
+                 pred_index=(p - 1 + np.broadcast_to(np.arange(n), (r, n))).astype(np.int32),
+                 targets=rng.integers(1, 500, (r, n)).astype(np.int32),
+                 mask=np.ones((r, n), np.float32), rewards=rng.random(r).astype(np.float32))
+    batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    opt = optax.adamw(1e-3)
+    rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4)
+    hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
+                                   opt=opt).compile().as_text()
+    moved = parallel.collectives(hlo)
+    # Rows stay on their device: what moves is the gradients' sum (combined into a few
+    # all-reduces) and scalars (the loss's normalisers, a group's statistics).
+    assert {op for _, op in moved} == {"all-reduce"}, sorted(set(moved))
+    assert any("f32[512,64]" in shape for shape, _ in moved)  # the embedding's gradient
+    print("OK")
+""")
+
+
+def test_on_a_data_mesh_only_gradients_and_scalars_move():
+    run_on_devices(MESH, 4, timeout=300)
