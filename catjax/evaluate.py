@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from catjax import data, storage
+from catjax import data, parallel, storage
 from catjax.cat import answers, selection
 from catjax.cat import round as cat_round
 from catjax.cat.judges import Judge
@@ -261,10 +261,12 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     has_records = wd.pull("records.jsonl")
     rc = loading.round_config(config.round)  # a config error first, then a workdir mismatch
     _check_same_inputs(wd, config, has_records)
+    # This host's chips (each process of a multi-host run evaluates on its own).
+    mesh = parallel.make_mesh(**dict(config.get("mesh") or {}), devices=jax.local_devices())
     if policy is None:
-        policy = loading.load_model(config.model, seed=config.seed)
+        policy = loading.on_mesh(loading.load_model(config.model, seed=config.seed), mesh)
     if rc.task == "freeform" and judge is None:
-        judge = loading.make_judge(config.judge, policy, config.seed)
+        judge = loading.make_judge(config.judge, policy, config.seed, mesh)
     examples = data.load(config.data.name, split=config.data.split, path=config.data.get("path"),
                          limit=config.data.limit)
     g_values = [g for g in config.eval.g_values if g <= rc.num_rollouts]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -99,14 +100,26 @@ def round_config(rc: Any) -> cat_round.RoundConfig:
     return cat_round.RoundConfig(**d)
 
 
-def make_judge(jc: Any, policy: cat_round.Model, seed: int = 0):
+def on_mesh(model: cat_round.Model, mesh: Any) -> cat_round.Model:
+    """`model` with its weights laid out on `mesh` (`parallel.param_shardings`): the sampler and
+    the judge then split their rows over the mesh's data-parallel axes. A one-device mesh: as is."""
+    if mesh is None or mesh.devices.size == 1:
+        return model
+    from catjax import parallel
+
+    shardings = parallel.param_shardings(models.param_shapes(model.cfg),
+                                         models.logical_axes(model.cfg), mesh)
+    return dataclasses.replace(model, params=jax.device_put(model.params, shardings))
+
+
+def make_judge(jc: Any, policy: cat_round.Model, seed: int = 0, mesh: Any = None):
     """`jc.kind`: 'local' (a catjax model; `jc.init` or the policy itself; `seed` as in
-    `load_model`) or 'http'."""
+    `load_model`; a model of its own goes on `mesh`) or 'http'."""
     from catjax.cat import judges
     from catjax.cat.local_judge import LocalJudge
 
     if jc.kind == "local":
-        m = load_model(jc, seed) if jc.get("init") else policy
+        m = on_mesh(load_model(jc, seed), mesh) if jc.get("init") else policy
         return LocalJudge(m.cfg, m.params, m.tokenizer)
     if jc.kind == "http":
         return judges.HTTPJudge(base_url=jc.base_url, model=jc.model,

@@ -213,11 +213,26 @@ def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_b
 def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], pad_id: int = 0,
                           batch_size: int = 8) -> list[np.ndarray]:
-    """Per-token log-probs of each continuation given its prompt (teacher forcing)."""
+    """Per-token log-probs of each continuation given its prompt (teacher forcing).
+
+    With params on several devices of this process the rows are split over the mesh's
+    data-parallel axes (`batch_size` rows per device at most)."""
     _check_inputs(cfg, prompts, pad_id, "continuation_logprobs")
     check_token_ids(cfg, continuations, pad_id, "continuation_logprobs")
+    if is_collective(params):
+        raise ValueError("continuation_logprobs: params span several processes; score on one "
+                         "host's devices")
+    mesh = parallel.mesh_of(params)
+    dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
+
+    def put(x: np.ndarray) -> jax.Array:
+        if dp == 1:
+            return jnp.asarray(x)
+        return jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
+
     results: list[np.ndarray] = []
-    rows = _batch_rows(len(prompts), batch_size)
+    rows = _batch_rows(len(prompts), batch_size * dp)
+    rows = -(-rows // dp) * dp
     for start in range(0, len(prompts), rows):
         ps, cs = prompts[start:start + rows], continuations[start:start + rows]
         seqs = [list(p) + list(c) for p, c in zip(ps, cs, strict=True)]
@@ -228,7 +243,6 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
         for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
             pred[i, :len(c)] = len(p) - 1 + np.arange(len(c))
             targets[i, :len(c)] = c
-        lp = np.asarray(_gathered_logprobs(cfg, params, jnp.asarray(toks), jnp.asarray(pred),
-                                           jnp.asarray(targets)))
+        lp = np.asarray(_gathered_logprobs(cfg, params, put(toks), put(pred), put(targets)))
         results.extend(lp[i, :len(c)] for i, c in enumerate(cs))
     return results

@@ -48,6 +48,9 @@ def eval_base(args) -> ml_collections.ConfigDict:
         batch_size=4, g_values=(1, 2, 4, 8),
         baselines=("majority", "min_ppl", "self_select", "mutual"), gold_compare="equivalent"))
     c.judge = ml_collections.ConfigDict(dict(kind="local", init="", base_url="", model=""))
+    # This host's chips: weights on each (data), rows split over them. A model too big for one
+    # chip: data=1, fsdp=-1 (weights split too, gathered layer by layer).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c
 
 

@@ -2,11 +2,13 @@
 
 import json
 import os
+import textwrap
 
 import pytest
 
 from catjax import main
 from configs import eval_gsm8k
+from tests.devices import run_on_devices
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +99,39 @@ def test_records_of_another_config_are_refused_before_any_weights_load(tmp_path,
     config.round.num_rollouts = 4
     config.eval.batch_size = 7  # grouping only: still the same records
     evaluate._check_same_inputs(storage.Workdir(str(wd)), config, True)
+
+
+MESH = textwrap.dedent("""
+    import json, os, sys, tempfile
+    import jax, numpy as np
+    from catjax import evaluate, loading, parallel, scoring
+    from configs import eval_math500
+    config = eval_math500.get_config("model=tiny,n=2,g=2")
+    config.model.init, config.model.tokenizer = "random:tiny_qwen3", "smollm2"
+    config.model.vocab_size = 49152
+    config.round.max_new_tokens = config.round.synthesis_max_new_tokens = 12
+    config.eval.update(g_values=(2,), batch_size=2,
+                       baselines=("majority", "min_ppl", "self_select", "mutual"))
+    assert len(jax.local_devices()) == 4 and config.mesh.data == -1
+    calls = []
+    program = scoring._gathered_logprobs
+    scoring._gathered_logprobs = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
+    one_device = loading.load_model(config.model, seed=config.seed)  # passed in: left as is
+    runs = {}
+    for name, policy in (("four chips", None), ("one device", one_device)):
+        wd = tempfile.mkdtemp()
+        evaluate.run(config, wd, policy=policy)
+        with open(os.path.join(wd, "records.jsonl")) as f:
+            runs[name] = [json.loads(line) for line in f]
+    # The same samples, picks and syntheses whichever way the rows were split.
+    assert runs["four chips"] == runs["one device"]
+    # The mutual-predictability scorer's rows stayed on their chips too.
+    hlo = program.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+    assert not parallel.collectives(hlo), sorted(set(parallel.collectives(hlo)))
+    assert calls[0][0][1]["embed"].sharding.mesh.devices.size == 4
+    print("OK")
+""")
+
+
+def test_evaluation_splits_rows_over_the_hosts_chips_with_the_same_records():
+    run_on_devices(MESH, 4, timeout=400)
