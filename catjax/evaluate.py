@@ -8,6 +8,7 @@ A gs:// workdir: the files are written to a local mirror and uploaded as they ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -271,26 +272,42 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
                          limit=config.data.limit)
     g_values = [g for g in config.eval.g_values if g <= rc.num_rollouts]
     rec_path = wd.file("records.jsonl")
-    done = _read_done(rec_path)
+    # Process 0 keeps the records (its file, pushed to gs://); the others learn which
+    # questions are done from it, so that every process cuts the same batches.
+    procs, me = jax.process_count(), jax.process_index()
+    done = _read_done(rec_path) if me == 0 else {}
+    if procs > 1:  # a collective: every process calls it
+        ids = parallel.allgather_json(sorted(done))[0]
+        done = done if me == 0 else dict.fromkeys(ids)
     position = {ex.id: i for i, ex in enumerate(examples)}
     todo = [ex for ex in examples if ex.id not in done]
     bs = config.eval.batch_size
     rng = jax.random.key(config.seed)
-    with open(rec_path, "a") as f, tqdm(total=len(examples), initial=len(examples) - len(todo),
-                                        desc="evaluate", unit="q") as bar:
-        for start in range(0, len(todo), bs):
-            batch = todo[start:start + bs]
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    # Several processes (the hosts of a slice): batch j is process j % P's, on its own chips;
+    # after each turn process 0 gets every record (one small all-gather). The batches and their
+    # keys do not depend on P: the records are those of one process.
+    records_file = open(rec_path, "a") if me == 0 else contextlib.nullcontext()  # noqa: SIM115
+    with records_file as f, tqdm(total=len(examples), initial=len(examples) - len(todo),
+                                 desc="evaluate", unit="q", disable=me != 0) as bar:
+        for turn in range(0, len(batches), procs):
+            mine = batches[turn + me] if turn + me < len(batches) else []
             # Keyed by the question's position in the set: a resumed run draws the same samples.
-            key = jax.random.fold_in(rng, position[batch[0].id])
-            recs = evaluate_batch(policy, batch, key, rc, config.eval.baselines, g_values, judge)
-            # One write per batch, then to disk: a kill between writes leaves whole batches; a
+            recs = evaluate_batch(policy, mine, jax.random.fold_in(rng, position[mine[0].id]), rc,
+                                  config.eval.baselines, g_values, judge) if mine else []
+            recs = [r for part in parallel.allgather_json(recs) for r in part]
+            bar.update(len(recs))
+            if me != 0:
+                continue
+            # One write per turn, then to disk: a kill between writes leaves whole batches; a
             # write cut short, a torn last line, which the rerun drops.
             f.write("".join(json.dumps(rec) + "\n" for rec in recs))
             f.flush()
             os.fsync(f.fileno())
             done.update((rec["id"], rec) for rec in recs)
             wd.push("records.jsonl")
-            bar.update(len(batch))
+    if me != 0:  # process 0 scores, summarises and writes the outputs
+        return {}
     recs = [done[ex.id] for ex in examples]
     if rc.task == "freeform":
         methods = ["single", *[m for m in METHODS[1:] if m in config.eval.baselines

@@ -253,3 +253,46 @@ def test_two_processes_train_like_one_and_checkpoints_cross_over(tmp_path):
     print(f"after resuming across topologies: max param diff {diff3:.3g}")
     assert _max_diff(st3a["params"], st1["params"]) > 1e-4 and diff3 <= 1e-7
     assert [r["step"] for r in metrics.read(str(to_two / "metrics.jsonl"))] == [1, 2, 3]
+
+
+EVAL = textwrap.dedent("""
+    import json, os, sys
+    pid, procs, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    from catjax import parallel
+    if procs > 1:
+        parallel.initialize_distributed(f"127.0.0.1:{port}", procs, pid)
+    from catjax import evaluate
+    from configs import eval_math500
+    config = eval_math500.get_config("model=tiny,n=3,g=2")
+    config.model.init, config.model.tokenizer = "random:tiny_qwen3", "smollm2"
+    config.model.vocab_size = 49152
+    config.round.max_new_tokens = config.round.synthesis_max_new_tokens = 8
+    config.eval.update(g_values=(2,), batch_size=1, baselines=("majority", "mutual"))
+    summary = evaluate.run(config, workdir)
+    assert (summary != {}) == (pid == 0), summary  # process 0 summarises
+    print("OK")
+""")
+
+
+def test_evaluation_over_two_processes_writes_the_records_of_one(tmp_path):
+    """Three questions in batches of one over two processes (the second idle in the last turn):
+    process 0 writes the same records as a one-process run, then a rerun samples nothing."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
+    def start(procs: int, name: str) -> list[tuple[subprocess.Popen, Path]]:
+        port, run = _free_port(), []
+        for pid in range(procs):
+            log = tmp_path / f"{name}.{pid}.log"
+            with open(log, "w") as f:
+                run.append((subprocess.Popen(
+                    [sys.executable, "-c", EVAL, str(pid), str(procs), str(port),
+                     str(tmp_path / f"{name}{pid}")], cwd=ROOT, env=env, stdout=f,
+                    stderr=subprocess.STDOUT), log))
+        return run
+
+    assert all("OK" in log for log in _wait(start(1, "one"), start(2, "two"), everyone=True))
+    records = lambda d: (tmp_path / d / "records.jsonl").read_text().splitlines()
+    assert len(records("one0")) == 3 and records("two0") == records("one0")
+    assert not (tmp_path / "two1" / "records.jsonl").exists()
+    assert all("OK" in log for log in _wait(start(2, "two"), everyone=True))  # resumed: all done
+    assert records("two0") == records("one0")

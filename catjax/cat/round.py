@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from catjax import faults, sampling
+from catjax import faults, parallel, sampling
 from catjax.cat import answers, prompts, rubrics
 from catjax.cat.judges import Judge
 from catjax.models import ModelConfig, Params
@@ -356,7 +356,8 @@ def _freeform_rewards(anchor, judge, examples, groups, references, reply_lengths
     g = rc.num_rollouts
     criteria, rstats = rubrics.propose_rubric(
         _anchor_generate(anchor, rc, jax.random.key(0), overflow), list(references),
-        min_items=rc.rubric_min_items, retries=rc.rubric_retries)
+        min_items=rc.rubric_min_items, retries=rc.rubric_retries,
+        collective=jax.process_count() > 1 and parallel.is_global(anchor.params))
     # Counts; the round divides them by the questions (fallbacks per question = the rate).
     for k in ("attempts", "parse_failures", "fallbacks", "criteria"):
         metrics[f"synthesis_rubric_{k}"] += getattr(rstats, k)

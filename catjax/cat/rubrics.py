@@ -22,6 +22,7 @@ from xml.etree.ElementTree import ParseError
 
 import defusedxml
 import defusedxml.ElementTree as safe_et
+import jax
 
 from catjax import parallel
 from catjax.cat import prompts
@@ -256,6 +257,7 @@ def propose_rubric(
     *,
     min_items: int = 5,
     retries: int = 2,
+    collective: bool | None = None,
 ) -> tuple[list[list[str]], RubricStats]:
     """One rubric per reference from the anchor's sampler ``generate`` (batch of chats -> texts).
 
@@ -263,6 +265,8 @@ def propose_rubric(
     batch per round. Those still failing get `fallback_rubric` (a single equivalence criterion
     holding the fenced, truncated reference) and are counted in ``stats.fallbacks``.
     Exceptions raised by ``generate`` itself propagate: a broken sampler is not a parse failure.
+    ``collective``: whether ``generate`` is one program over all processes, which must then
+    ask the same number of times (default: whenever there are several processes).
     """
     if not 1 <= min_items <= MAX_ITEMS:  # before the anchor generates, not after
         raise ValueError(f"rubric min_items={min_items} must be in [1, {MAX_ITEMS}]")
@@ -272,8 +276,10 @@ def propose_rubric(
     pending = list(range(len(references)))
     last_error: dict[int, str] = {}
     for _ in range(1 + max(retries, 0)):
-        # Multi-process, `generate` is a collective: all processes go on while any has failures.
-        if not parallel.process_any(bool(pending)):
+        # A collective `generate`: all processes go on while any has failures.
+        if collective is None:
+            collective = jax.process_count() > 1
+        if not (parallel.process_any(bool(pending)) if collective else pending):
             break
         outputs = generate([chats[i] for i in pending])
         if len(outputs) != len(pending):
