@@ -277,7 +277,10 @@ EVAL = textwrap.dedent("""
 def test_evaluation_over_two_processes_writes_the_records_of_one(tmp_path):
     """Three questions in batches of one over two processes (the second idle in the last turn):
     process 0 writes the same records as a one-process run, then a rerun samples nothing."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    # A program cache of its own (see `_start`: collectives loaded from the suite's shared cache
+    # have hung in gloo).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
 
     def start(procs: int, name: str) -> list[tuple[subprocess.Popen, Path]]:
         port, run = _free_port(), []
