@@ -218,7 +218,14 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     mb = rl.micro_batch or rows
     if rows % mb:
         raise ValueError(f"rl.micro_batch={mb} does not divide the {rows} rollout rows")
-    split = lambda tree: jax.tree.map(lambda x: x.reshape(rows // mb, mb, *x.shape[1:]), tree)
+    # Micro-batch k holds rows k, k + n, k + 2n, ... (n micro-batches): with the rows split over
+    # the devices in blocks, each micro-batch spans all of them. Contiguous micro-batches each lay
+    # on a few devices, so the scan over them gathered the whole batch to every device, which then
+    # computed every row's gradient (no data parallelism left, every row's activations on each).
+    # The sums below do not depend on how the rows are grouped.
+    n_micro = rows // mb
+    split = lambda tree: jax.tree.map(
+        lambda x: x.reshape(mb, n_micro, *x.shape[1:]).swapaxes(0, 1), tree)
     score = functools.partial(completion_logprobs, cfg, chunk=rl.logprob_chunk,
                               temperature=rl.temperature)
 
@@ -226,8 +233,8 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
         # Micro-batch by micro-batch too, so the update's peak memory scales with
         # rl.micro_batch, not with the batch.
         p = jax.lax.stop_gradient(p)
-        lp = jax.lax.map(lambda b: score(p, b)[0], split(batch))
-        return jax.lax.stop_gradient(lp.reshape(mask.shape))
+        lp = jax.lax.map(lambda b: score(p, b)[0], split(batch))  # [n_micro, mb, N]
+        return jax.lax.stop_gradient(lp.swapaxes(0, 1).reshape(mask.shape))
 
     in_pass = rl.num_iterations == 1 and rl.kl_mode != "reward"
     old_lp = None if in_pass else frozen_logprobs(compute_params(cfg, params))
@@ -411,6 +418,9 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     if rl.micro_batch and rows % rl.micro_batch:
         raise ValueError(f"config.rl.micro_batch={rl.micro_batch} does not divide the {rows} "
                          "rollout rows of a step")
+    if rl.micro_batch % dp:
+        raise ValueError(f"config.rl.micro_batch={rl.micro_batch} is not a multiple of the mesh's "
+                         f"{dp} data-parallel devices (each micro-batch is split over all of them)")
     if config.batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={config.batch_size} (the global batch) does not split "
                          f"over {jax.process_count()} processes")

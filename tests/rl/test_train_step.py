@@ -257,14 +257,27 @@ MESH = textwrap.dedent("""
                  mask=np.ones((r, n), np.float32), rewards=rng.random(r).astype(np.float32))
     batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     opt = optax.adamw(1e-3)
-    rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4)
-    hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
-                                   opt=opt).compile().as_text()
-    moved = parallel.collectives(hlo)
-    # Rows stay on their device: what moves is the gradients' sum (combined into a few
-    # all-reduces) and scalars (the loss's normalisers, a group's statistics).
-    assert {op for _, op in moved} == {"all-reduce"}, sorted(set(moved))
-    assert any("f32[512,64]" in shape for shape, _ in moved)  # the embedding's gradient
+    for micro_batch in (0, 4):  # whole, and micro-batches (each spread over the 4 devices)
+        rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4, micro_batch=micro_batch)
+        hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
+                                       opt=opt).compile().as_text()
+        moved = parallel.collectives(hlo)
+        # Rows stay on their device: what moves is the gradients' sum (combined into a few
+        # all-reduces) and scalars (the loss's normalisers, a group's statistics). Contiguous
+        # micro-batches once gathered the whole batch to every device instead.
+        assert {op for _, op in moved} == {"all-reduce"}, (micro_batch, sorted(set(moved)))
+        assert any("f32[512,64]" in shape for shape, _ in moved)  # the embedding's gradient
+    # A micro-batch that cannot spread over the devices is refused at start-up, in one line.
+    import tempfile
+    from configs import cat_rl
+    config = cat_rl.get_config("model=tiny,runlocal")
+    config.mesh.update(data=4, fsdp=1)
+    config.rl.micro_batch = 2
+    try:
+        trainer.train(config, tempfile.mkdtemp())
+        raise AssertionError("micro_batch=2 on 4 devices was accepted")
+    except ValueError as e:
+        assert "micro_batch=2 is not a multiple of the mesh's 4" in str(e), e
     print("OK")
 """)
 
