@@ -260,10 +260,10 @@ def run(config: Any, workdir: str, policy: cat_round.Model | None = None,
     os.makedirs(wd.local, exist_ok=True)
     # gs://: resume from the bucket's records (fails fast, before any weights).
     has_records = wd.pull("records.jsonl")
-    rc = loading.round_config(config.round)  # a config error first, then a workdir mismatch
-    _check_same_inputs(wd, config, has_records)
+    rc = loading.round_config(config.round)  # config errors first, then a workdir mismatch
     # This host's chips (each process of a multi-host run evaluates on its own).
     mesh = parallel.make_mesh(**dict(config.get("mesh") or {}), devices=jax.local_devices())
+    _check_same_inputs(wd, config, has_records)
     if policy is None:
         policy = loading.on_mesh(loading.load_model(config.model, seed=config.seed), mesh)
     if rc.task == "freeform" and judge is None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -54,6 +55,38 @@ def batch_sharding(mesh: Mesh, ndim: int = 1, batch_axis: int = 0) -> NamedShard
     spec = [None] * ndim
     spec[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def keep_rows_split(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
+    """Inside jit: keep `x`'s `axis` split over the mesh's data-parallel axes (no mesh: `x`)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, axis))
+
+
+def per_device_rows(fn, mesh: Mesh | None, in_axes: Sequence[int | None], out_axis: int = 0):
+    """`fn` run by each device on its own rows (`jax.shard_map` over the data-parallel axes):
+    argument i is split on axis `in_axes[i]` (None: the same on every device), the result (a
+    tree) on `out_axis`. GSPMD does not always see that an op keeps rows in place (a scatter
+    whose row indices are an iota, `lax.top_k`) and would send every row to every device.
+    Without a mesh, or with one data-parallel device: `fn` itself."""
+    if mesh is None or data_parallel_size(mesh) == 1:
+        return fn
+
+    def spec(axis: int | None) -> PartitionSpec:
+        return PartitionSpec() if axis is None else PartitionSpec(*[None] * axis, BATCH_AXES)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_axes),
+                         out_specs=spec(out_axis), axis_names=set(BATCH_AXES), check_vma=False)
+
+
+def put_rows(x: np.ndarray, mesh: Mesh | None, collective: bool = False) -> jax.Array:
+    """Host rows onto the device(s): split over `mesh`'s data-parallel axes (`collective`:
+    this process's block of a multi-process global array, `host_to_global`), else one device."""
+    if mesh is None:
+        return jnp.asarray(x)
+    sharding = batch_sharding(mesh, np.ndim(x))
+    return host_to_global(x, sharding) if collective else jax.device_put(x, sharding)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

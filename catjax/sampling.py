@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from catjax import models, parallel
 from catjax.models import ModelConfig, Params
@@ -183,11 +183,7 @@ def _row_top_k(x_bv: jax.Array, k: int, mesh: Mesh | None,
     """`_top_k` with each device taking its own rows of a batch split over `mesh`: left to
     GSPMD, `lax.top_k` gathered every row's input (the [B, V] logits, or the block maxima and
     picked blocks) to every device, each decode step."""
-    if mesh is None or parallel.data_parallel_size(mesh) == 1:
-        return _top_k(x_bv, k, block)
-    rows = PartitionSpec(parallel.BATCH_AXES)
-    return jax.shard_map(lambda x: _top_k(x, k, block), mesh=mesh, in_specs=rows,
-                         out_specs=rows, axis_names=set(parallel.BATCH_AXES), check_vma=False)(x_bv)
+    return parallel.per_device_rows(lambda x: _top_k(x, k, block), mesh, in_axes=(0,))(x_bv)
 
 
 def _nucleus_mask(scaled_bv: jax.Array, top_p: float, candidates: int = 256,
@@ -333,10 +329,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     r = b * g
 
     def on_batch(x, axis: int = 0):
-        """Keep the batch axis split over the mesh's data-parallel axes."""
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
+        return parallel.keep_rows_split(x, mesh, axis)
 
     # Prefill once per prompt; logits only at each prompt's last token. Rows or weights first,
     # the prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise

@@ -74,10 +74,7 @@ def last_token_logits(cfg: ModelConfig, params: Params, prompts: Sequence[Sequen
     out = np.zeros((len(prompts), cfg.vocab_size), np.float32)
 
     def put(x: np.ndarray) -> jax.Array:
-        if mesh is None:
-            return jnp.asarray(x)
-        sharding = parallel.batch_sharding(mesh, x.ndim)
-        return parallel.host_to_global(x, sharding) if collective else jax.device_put(x, sharding)
+        return parallel.put_rows(x, mesh, collective)
 
     for chunk in range(chunks):
         # Powers of two (rows) and length buckets: a handful of shapes compile, not one per call.
@@ -126,10 +123,8 @@ def _shared_prefix_logits(cfg: ModelConfig, params: Params, prefix_gp, prefix_le
     g, p = prefix_gp.shape
     r, s = suffix_rs.shape
 
-    def on_rows(x, axis: int):  # keep `axis` split over the data-parallel devices
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim, axis))
+    def on_rows(x, axis: int):
+        return parallel.keep_rows_split(x, mesh, axis)
 
     cache = jax.tree.map(lambda c: on_rows(c, 1), models.init_cache(cfg, g, p + s))
     _, cache = models.prefill(cfg, params, prefix_gp, prefix_len_g, cache, mesh=mesh,
@@ -224,12 +219,7 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
                          "host's devices")
     mesh = parallel.mesh_of(params)
     dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
-
-    def put(x: np.ndarray) -> jax.Array:
-        if dp == 1:
-            return jnp.asarray(x)
-        return jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
-
+    put = functools.partial(parallel.put_rows, mesh=mesh if dp > 1 else None)
     results: list[np.ndarray] = []
     rows = _batch_rows(len(prompts), batch_size * dp)
     rows = -(-rows // dp) * dp

@@ -357,6 +357,8 @@ def _freeform_rewards(anchor, judge, examples, groups, references, reply_lengths
     criteria, rstats = rubrics.propose_rubric(
         _anchor_generate(anchor, rc, jax.random.key(0), overflow), list(references),
         min_items=rc.rubric_min_items, retries=rc.rubric_retries,
+        # (Only with several processes are the anchor's arrays looked at: tests run a round
+        # on a stub generate and no anchor.)
         collective=jax.process_count() > 1 and parallel.is_global(anchor.params))
     # Counts; the round divides them by the questions (fallbacks per question = the rate).
     for k in ("attempts", "parse_failures", "fallbacks", "criteria"):

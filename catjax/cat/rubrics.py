@@ -275,10 +275,10 @@ def propose_rubric(
     chats = [prompts.rubric_proposal(ref, min_items) for ref in references]
     pending = list(range(len(references)))
     last_error: dict[int, str] = {}
+    if collective is None:
+        collective = jax.process_count() > 1
     for _ in range(1 + max(retries, 0)):
         # A collective `generate`: all processes go on while any has failures.
-        if collective is None:
-            collective = jax.process_count() > 1
         if not (parallel.process_any(bool(pending)) if collective else pending):
             break
         outputs = generate([chats[i] for i in pending])

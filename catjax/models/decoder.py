@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from catjax import parallel
 from catjax.models.config import ModelConfig
@@ -455,21 +454,18 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
         masks = (_attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, False),
                  _attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, True))
 
-    def write(c, i, x_btkh):
+    def scatter(c, i, x_btkh, positions_bt):
         # Advanced indices around a slice: the update is laid out [B, T, K, H], as x is.
-        def scatter(c, i, x_btkh, positions_bt):
-            rows_b1 = jnp.arange(x_btkh.shape[0])[:, None]
-            return c.at[i, rows_b1, :, positions_bt].set(x_btkh.astype(c.dtype), mode="drop")
+        rows_b1 = jnp.arange(x_btkh.shape[0])[:, None]
+        return c.at[i, rows_b1, :, positions_bt].set(x_btkh.astype(c.dtype), mode="drop")
 
-        if mesh is None or parallel.data_parallel_size(mesh) == 1:
-            return scatter(c, i, x_btkh, positions_bt)
-        # Each device writes its own rows. Left to GSPMD, the scatter's row indices hide that
-        # rows stay put, and every device was sent every row's new keys and values, each
-        # layer, each step (a vmapped scatter partitions, but costs two copies of the cache).
-        rows = parallel.BATCH_AXES
-        return jax.shard_map(scatter, mesh=mesh, in_specs=(P(None, rows), P(), P(rows), P(rows)),
-                             out_specs=P(None, rows), axis_names=set(rows),
-                             check_vma=False)(c, i, x_btkh, positions_bt)
+    # Each device writes its own rows: left to GSPMD, every device was sent every row's new keys
+    # and values, each layer, each step (a vmapped scatter partitions, but XLA:CPU runs it
+    # through two transposed copies of the cache).
+    scatter = parallel.per_device_rows(scatter, mesh, in_axes=(1, None, 0, 0), out_axis=1)
+
+    def write(c, i, x_btkh):
+        return scatter(c, i, x_btkh, positions_bt)
 
     def rope_for(sliding):
         return jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
