@@ -35,23 +35,14 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3_4b")
     ap.add_argument("--sampler", action="store_true", help="compile the whole sampler")
     args = ap.parse_args()
-    if not os.path.isdir(os.path.join(args.libtpu, "libtpu")):
-        sys.exit(f"tpu_aot_prefill: --libtpu {args.libtpu}: no libtpu package there (install it "
-                 "with the pip line in this script's docstring)")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    sys.path.insert(0, args.libtpu)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    devices = tpu_devices("tpu_aot_prefill", args.libtpu, "v5e:2x2")
     import jax
     import jax.numpy as jnp
-    from jax.experimental.topologies import get_topology_desc
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from catjax import models
 
-    jax.config.update("jax_platforms", "cpu")  # compile for the TPU topology, run nothing
-    devices = get_topology_desc(platform="tpu", topology_name="v5e:2x2",
-                                chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
     mesh = Mesh(np.array(devices).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
     cfg = models.get_preset(args.preset)
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -87,6 +78,25 @@ def main() -> None:
         t0 = time.perf_counter()
         report(f"{args.preset}, {p}-token prompt per chip, {name}",
                jax.jit(prefill).lower(params, tokens, lengths).compile(), t0)
+
+
+def tpu_devices(script: str, libtpu: str, topology: str) -> list:
+    """The chips of a TPU `topology` ("v5e:2x2", "v5p:2x2x1") to compile for, on this machine's
+    CPU backend with the libtpu package in folder `libtpu` (one host's chips)."""
+    if not os.path.isdir(os.path.join(libtpu, "libtpu")):
+        sys.exit(f"{script}: --libtpu {libtpu}: no libtpu package there (install it with the "
+                 "pip line in this script's docstring)")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    sys.path.insert(0, libtpu)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    from jax.experimental.topologies import get_topology_desc
+
+    jax.config.update("jax_platforms", "cpu")  # compile for the TPU topology, run nothing
+    dims = [int(x) for x in topology.split(":")[1].split("x")]
+    return get_topology_desc(platform="tpu", topology_name=topology,
+                             chips_per_host_bounds=tuple(dims + [1] * (3 - len(dims))),
+                             num_slices=1).devices
 
 
 def report(what: str, compiled, t0: float) -> None:

@@ -64,6 +64,21 @@ def keep_rows_split(x: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, axis))
 
 
+def split_features(x: jax.Array, mesh: Mesh | None, row_axis: int = 0,
+                   feature_axis: int = -1) -> jax.Array:
+    """Inside jit: a decode step's hidden states ([B, T, D]; [R, D] or [D, R]) on a mesh with
+    an fsdp axis: the rows split over the data axis only, the features over fsdp, as the
+    weights' D is. Every matmul then multiplies the shards it holds and sums a few rows'
+    partial results, and the weights stay put; left to GSPMD, each step gathered most of the
+    weights (Qwen 3 4B on a v5p, fsdp=4: gate, up and q/k/v of every layer, every step,
+    bench/RESULTS.md). Without an fsdp axis: `x`."""
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return x
+    spec = [None] * x.ndim
+    spec[row_axis], spec[feature_axis] = "data", "fsdp"
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def per_device_rows(fn, mesh: Mesh | None, in_axes: Sequence[int | None], out_axis: int = 0):
     """`fn` run by each device on its own rows (`jax.shard_map` over the data-parallel axes):
     argument i is split on axis `in_axes[i]` (None: the same on every device), the result (a
@@ -121,6 +136,30 @@ def param_shardings(shapes, logical, mesh: Mesh, rules: dict | None = None):
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(one, shapes, logical, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def gathered_over_fsdp(tree: Any, logical: Any, mesh: Mesh | None, rules: dict | None = None,
+                       from_shards: bool = True):
+    """Inside jit: the parameters `tree` (logical axis names `logical`, as `param_shardings`)
+    constrained to their shardings with the fsdp axis left out, i.e. all-gathered over it; their
+    gradients come back reduce-scattered. The forward passes over whole sequences (training,
+    scoring, prefill) call it per layer, and keep the rows split: left to itself, GSPMD kept
+    the weights sharded and moved every row's activations instead (Qwen 3 4B update on a v5p
+    with fsdp=4: all-reduces of [rows, 2048, 9728] in every layer, bench/RESULTS.md). No mesh,
+    or an fsdp axis of 1: `tree` itself. `from_shards=False`: `tree` was gathered already
+    (a loop's copy of weights gathered before it), keep it so."""
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return tree
+    rules = {**DEFAULT_RULES, **(rules or {})}
+    shapes = jax.tree.map(lambda a: a.shape, tree)
+    # First at their own sharding: the gradient then reaches it as a reduce-scatter, not as an
+    # all-reduce of the whole gradient on every device (twice the traffic).
+    if from_shards:
+        tree = jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                            param_shardings(shapes, logical, mesh, rules))
+    gathered = {k: (None if v == "fsdp" else v) for k, v in rules.items()}
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                        param_shardings(shapes, logical, mesh, gathered))
 
 
 # --- multi-controller start-up ---------------------------------------------------------------
@@ -280,8 +319,47 @@ _COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) (all-gather|all-to-all|col
                          r"all-reduce|reduce-scatter|ragged-all-to-all)(-start)?\(", re.M)
 
 
-def collectives(hlo_text: str) -> list[tuple[str, str]]:
+def collectives(hlo_text: str, in_loops: bool = False) -> list[tuple[str, str]]:
     """(shape, op) of every cross-device collective in a compiled program's text
     (`jit(f).lower(...).compile().as_text()`): what moves between devices. Combined
-    collectives carry a tuple shape; asynchronous ones are counted at their start."""
-    return [(shape, op + (start or "")) for shape, op, start in _COLLECTIVE.findall(hlo_text)]
+    collectives carry a tuple shape; asynchronous ones are counted at their start.
+
+    `in_loops`: only those inside a while loop (a decode step, a layer of a scan), which run
+    once per trip rather than once per call."""
+    if not in_loops:
+        return [(shape, op + (start or "")) for shape, op, start in _COLLECTIVE.findall(hlo_text)]
+    return [(shape, op) for shape, op, depth in collectives_by_depth(hlo_text) if depth > 0]
+
+
+def collectives_by_depth(hlo_text: str) -> list[tuple[str, str, int]]:
+    """`collectives` with how many while loops enclose each (0: once per call; for a sampler
+    on the TPU's scan layout, 2: once per decode step and layer)."""
+    comps = _computations(hlo_text)
+    edges = {name: [(callee, 1) for callee in _LOOP_BODY.findall(text)]
+             + [(callee, 0) for callee in _CALLED.findall(text)]
+             + [(c.strip().lstrip("%"), 0) for group in _BRANCHES.findall(text)
+                for c in group.split(",")] for name, _, text in comps}
+    depth = {name: 0 for name, entry, _ in comps if entry}
+    todo = list(depth)
+    while todo:  # deepest nesting each computation is reached at (call graphs are acyclic)
+        name = todo.pop()
+        for callee, step in edges.get(name, ()):
+            if depth.get(callee, -1) < depth[name] + step:
+                depth[callee] = depth[name] + step
+                todo.append(callee)
+    return [(shape, op, depth.get(name, 0)) for name, _, text in comps
+            for shape, op in collectives(text)]
+
+
+_COMPUTATION_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$", re.M)
+_LOOP_BODY = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
+_CALLED = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+
+
+def _computations(hlo_text: str) -> list[tuple[str, bool, str]]:
+    """(name, is the entry, text) of each computation of an HLO module's text."""
+    heads = list(_COMPUTATION_HEAD.finditer(hlo_text))
+    return [(m.group(2), bool(m.group(1)),
+             hlo_text[m.end():heads[i + 1].start() if i + 1 < len(heads) else None])
+            for i, m in enumerate(heads)]

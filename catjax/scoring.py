@@ -196,12 +196,14 @@ def _pad(seqs: Sequence[Sequence[int]], rows: int, width: int, pad_id: int) -> n
     return toks
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_bc, targets_bc):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _gathered_logprobs(cfg: ModelConfig, params: Params, tokens_bt, pred_index_bc, targets_bc,
+                       mesh: Mesh | None = None):
     """log p(targets | prefix) read only at `pred_index` positions: the vocabulary-sized logits
     are formed for the scored tokens, not for the whole (mostly context) sequence."""
-    hidden = models.hidden_states(cfg, params, tokens_bt)
+    hidden = models.hidden_states(cfg, params, tokens_bt, mesh=mesh)
     hidden = jnp.take_along_axis(hidden, pred_index_bc[..., None], axis=1)
+    params = models.decoder.head_gathered(cfg, params, mesh)
     return models.token_logprobs(cfg, params, hidden, targets_bc)[0]
 
 
@@ -233,6 +235,7 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
         for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
             pred[i, :len(c)] = len(p) - 1 + np.arange(len(c))
             targets[i, :len(c)] = c
-        lp = np.asarray(_gathered_logprobs(cfg, params, put(toks), put(pred), put(targets)))
+        lp = np.asarray(_gathered_logprobs(cfg, params, put(toks), put(pred), put(targets),
+                                           mesh=mesh if dp > 1 else None))
         results.extend(lp[i, :len(c)] for i, c in enumerate(cs))
     return results

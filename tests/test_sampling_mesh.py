@@ -45,3 +45,44 @@ SCRIPT = textwrap.dedent("""
 
 def test_sampling_on_a_data_mesh_matches_one_device_and_keeps_rows_local():
     run_on_devices(SCRIPT, 4, timeout=400)
+
+
+FSDP = textwrap.dedent(r"""
+    import re
+    import jax, numpy as np
+    from catjax import models, parallel, sampling
+    cfg = models.get_preset("tiny_llama")  # an untied head [D, V]
+    params = models.init_params(cfg, jax.random.key(0))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [3, 4]]
+    kw = dict(num_samples=2, max_new_tokens=12, rng=jax.random.key(3), stop_ids=(3,),
+              logprobs=True, temperature=0.9, top_p=0.9)
+    single = sampling.sample(cfg, params, prompts, **kw)
+    weights = {tuple(sorted(d for d in s[1:] if d > 1)) for s in
+               jax.tree.leaves(models.param_shapes(cfg)["layers"], is_leaf=lambda x: isinstance(x, tuple))}
+    weights.add(tuple(sorted((cfg.hidden_size, cfg.vocab_size))))
+    calls = []
+    program = sampling._sample
+    sampling._sample = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
+    for dims in ((1, 4, 1), (2, 2, 1)):
+        mesh = parallel.make_mesh(*dims)
+        shard = parallel.param_shardings(models.param_shapes(cfg), models.logical_axes(cfg), mesh)
+        on_mesh = jax.device_put(params, shard)
+        for layout in sampling.DECODE_LAYOUTS:
+            out = sampling.sample(cfg, on_mesh, prompts, mesh=mesh, decode_layout=layout, **kw)
+            np.testing.assert_array_equal(out.tokens, single.tokens)
+            np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+            # The weights stay in place while decoding: each step moves a few rows' partial
+            # sums, never a weight (gate, up and q/k/v were gathered every step) nor a row's
+            # logits over the vocabulary (the head is gathered once, before the loop).
+            hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
+            for shape, op in parallel.collectives(hlo, in_loops=True):
+                for dims_ in re.findall(r"\[([\d,]*)\]", shape):
+                    got = [int(d) for d in dims_.split(",") if d]
+                    assert cfg.vocab_size not in got, (dims, layout, shape, op)
+                    assert tuple(sorted(d for d in got if d > 1)) not in weights, (dims, layout, shape, op)
+    print("OK")
+""")
+
+
+def test_sampling_on_an_fsdp_mesh_matches_one_device_and_leaves_the_weights_in_place():
+    run_on_devices(FSDP, 4, timeout=400)

@@ -27,7 +27,9 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from catjax import parallel
 from catjax.models import decoder
 from catjax.models.config import ModelConfig
 from catjax.models.decoder import KVCache, Params
@@ -168,12 +170,14 @@ def _attend_shared(cfg: ModelConfig, q_r1nh, kp_bkhs, vp_bksh, kg_blocks, vg_blo
 
 
 def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax.Array,
-                cache: SharedPromptCache, block: int = 0) -> tuple[jax.Array, SharedPromptCache]:
+                cache: SharedPromptCache, block: int = 0,
+                mesh: Mesh | None = None) -> tuple[jax.Array, SharedPromptCache]:
     """Generated token `step` of every row (`tokens_r` [R]): write its keys/values and attend
     over its prompt and the tokens before it. `step` must lie in generated block `block`
     (static), whose slots and those of the blocks before it are all the step reads. `params`
     from `decode_layout`, either orientation. Returns the last hidden states [R, 1, D] (before
-    the final norm) and the cache."""
+    the final norm) and the cache. `mesh`: with an fsdp axis the weights stay in place and the
+    hidden states' features split over it (`parallel.split_features`)."""
     r = tokens_r.shape[0]
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g, p, starts = cache.group, cache.prompt_slots, cache.block_starts
@@ -195,6 +199,9 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
 
     def bias(w):
         return w[:, None] if wf else w
+
+    def residual(x):  # [D, R] weights first, else [R, D]
+        return parallel.split_features(x, mesh, row_axis=1 - fa, feature_axis=fa)
 
     positions_r1 = (jnp.repeat(cache.prompt_len_b, g) + step)[:, None]
     rope_g, rope_l = decoder._rope_tables(cfg, positions_r1)
@@ -220,7 +227,7 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
     kp, vp = cache.prompt_k_lbkhs, cache.prompt_v_lbksh
 
     x = decoder.embed(cfg, params, tokens_r[:, None])[:, 0]
-    x = x.T if wf else x
+    x = residual(x.T if wf else x)
     for i, (lp, sliding) in enumerate(zip(params["layers"], cfg.layer_is_sliding(), strict=True)):
         qkv_re = to_rows(matmul(lp, "qkv", decoder.rms_norm(cfg, x, lp["attn_norm"], axis=fa)))
         q, kk, v = jnp.split(qkv_re, (n * h, (n + k) * h), axis=1)
@@ -246,6 +253,6 @@ def decode_step(cfg: ModelConfig, params: Params, tokens_r: jax.Array, step: jax
         mlp_x = matmul(lp, "down", act(gate) * up)
         if cfg.sandwich_norms:
             mlp_x = decoder.rms_norm(cfg, mlp_x, lp["post_mlp_norm"], axis=fa)
-        x = x + mlp_x
+        x = residual(x + mlp_x)
     generated = tuple(KVCache(tuple(kk_), tuple(vv_)) for kk_, vv_ in gen)
     return (x.T if wf else x)[:, None], cache.replace(generated=generated)

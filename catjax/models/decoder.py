@@ -357,6 +357,17 @@ def head_weight(cfg: ModelConfig, params: Params) -> jax.Array:
     return params["embed"] if cfg.tie_embeddings else params["lm_head"]
 
 
+def head_gathered(cfg: ModelConfig, params: Params, mesh: Mesh | None,
+                  from_shards: bool = True) -> Params:
+    """`params` with the output head gathered over the mesh's fsdp axis (once, before a loop
+    over chunks of positions or decode steps: otherwise GSPMD gathers every row's logits, or the
+    head, inside it). `from_shards=False`: inside such a loop, on the copy gathered before it."""
+    name = "embed" if cfg.tie_embeddings else "lm_head"
+    w = parallel.gathered_over_fsdp(params[name], logical_axes(cfg)[name], mesh,
+                                    from_shards=from_shards)
+    return {**params, name: w}
+
+
 def head_logits(x_btd: jax.Array, w: jax.Array, tied: bool, softcap: float) -> jax.Array:
     """float32 logits [B, T, V] of normed hidden states through the head weight `w`."""
     spec = "btd,vd->btv" if tied else "btd,dv->btv"
@@ -372,10 +383,18 @@ def _maybe_remat(cfg: ModelConfig, fn):
 
 # --- full passes -----------------------------------------------------------------------------
 
+def layer_logical_axes(cfg: ModelConfig) -> Params:
+    """`logical_axes` of one layer's weights (a slice of the stacked "layers")."""
+    return {k: names[1:] for k, names in logical_axes(cfg)["layers"].items()}
+
+
 def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
                   positions_bt: jax.Array | None = None,
-                  mask_bt: jax.Array | None = None) -> jax.Array:
-    """Last hidden states [B, T, D] of a causal pass (before the final norm)."""
+                  mask_bt: jax.Array | None = None, mesh: Mesh | None = None) -> jax.Array:
+    """Last hidden states [B, T, D] of a causal pass (before the final norm).
+
+    `mesh`: the rows are split over its data-parallel axes and stay so; with an fsdp axis each
+    layer's weights are gathered over it in turn (`parallel.gathered_over_fsdp`)."""
     b, t = tokens_bt.shape
     if positions_bt is None:
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -385,16 +404,19 @@ def hidden_states(cfg: ModelConfig, params: Params, tokens_bt: jax.Array, *,
     masks = (_attention_mask(cfg, positions_bt, positions_bt, mask_bt, False),
              _attention_mask(cfg, positions_bt, positions_bt, mask_bt, True))
 
+    layer_axes = layer_logical_axes(cfg)
+
     def body(x, xs):
         p, sliding = xs
+        p = parallel.gathered_over_fsdp(p, layer_axes, mesh)
         rope_cs = jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
         mask = jnp.where(sliding, masks[1], masks[0])
         def attend(q, k, v):
             return _attend(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
 
-        return _layer(cfg, p, x, rope_cs, attend), None
+        return parallel.keep_rows_split(_layer(cfg, p, x, rope_cs, attend), mesh), None
 
-    x = embed(cfg, params, tokens_bt)
+    x = parallel.keep_rows_split(embed(cfg, params, tokens_bt), mesh)
     x, _ = jax.lax.scan(_maybe_remat(cfg, body), x,
                         (params["layers"], jnp.asarray(cfg.layer_is_sliding())))
     return x
@@ -441,7 +463,10 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     nearly a quarter of the prefill of a 4-layer model.
 
     `mesh`: the rows are split over its data-parallel axes (`parallel.BATCH_AXES`), and each
-    device writes the keys/values of its own rows.
+    device writes the keys/values of its own rows. With an fsdp axis, several tokens per row
+    gather each layer's weights over it (`parallel.gathered_over_fsdp`), as `hidden_states`
+    does; one token per row (a decode step) leaves the weights in place and splits the hidden
+    states' features over it (`parallel.split_features`).
     """
     b, t = tokens_bt.shape
     # The key slots attention reads.
@@ -470,10 +495,25 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     def rope_for(sliding):
         return jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), rope_g, rope_l)
 
+    layer_axes = layer_logical_axes(cfg)
+
+    # On an fsdp axis: a pass over many tokens per row gathers each layer's weights in turn
+    # and keeps the rows split; a decode step (one token per row) keeps the weights in place
+    # and splits its hidden states' features instead (`parallel.split_features`).
+    many_tokens = prefill or t > 1
+
+    def weights(p):
+        return parallel.gathered_over_fsdp(p, layer_axes, mesh) if many_tokens else p
+
+    def residual(x):
+        if many_tokens:
+            return parallel.keep_rows_split(x, mesh)
+        return parallel.split_features(x, mesh)
+
     def kv_only(carry, xs):
         x, ck, cv = carry
         p, sliding, i = xs
-        k, v = _kv_only(cfg, p, x, rope_for(sliding))
+        k, v = _kv_only(cfg, weights(p), x, rope_for(sliding))
         return (x, write(ck, i, k), write(cv, i, v)), None
 
     def body(carry, xs):
@@ -492,10 +532,10 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                                        sliding, q_chunk, prefill, start)
             return _attend(cfg, q, k_all, v_all, jnp.where(sliding, masks[1], masks[0]))
 
-        x = _layer(cfg, p, x, rope_cs, attend)
+        x = residual(_layer(cfg, weights(p), x, rope_cs, attend))
         return (x, new["k"], new["v"]), None
 
-    x = embed(cfg, params, tokens_bt)
+    x = residual(embed(cfg, params, tokens_bt))
     last = cfg.num_layers - 1
     if isinstance(params["layers"], tuple | list):  # per-layer weights: straight-line layers
         cache = cache.unstacked()

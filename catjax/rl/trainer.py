@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from catjax import checkpoint, data, faults, metrics, models, parallel, sampling
@@ -166,7 +167,8 @@ def build_batch(res: cat_round.RoundResult, num_rollouts: int, pad_id: int,
 
 
 def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict, chunk: int = 0,
-                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                        temperature: float = 1.0,
+                        mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """float32 log-probs and entropies [R, N] of the completion tokens under softmax(logits /
     `temperature`); logits only at the scored positions, for `chunk` completion tokens of every
     row at a time (0: all N at once).
@@ -178,7 +180,8 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict, chunk: in
     unchunked ones; a remainder (chunk not dividing N) is one more, smaller chunk.
     """
     hidden = models.hidden_states(cfg, params, batch["tokens"], positions_bt=batch["positions"],
-                                  mask_bt=batch["key_mask"])
+                                  mask_bt=batch["key_mask"], mesh=mesh)
+    params = models.decoder.head_gathered(cfg, params, mesh)
     hidden = jnp.take_along_axis(hidden, batch["pred_index"][..., None], axis=1)
 
     if not chunk or chunk >= hidden.shape[1]:
@@ -199,9 +202,9 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict, chunk: in
     return lp, ent
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rl", "opt"), donate_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnames=("cfg", "rl", "opt", "mesh"), donate_argnums=(1, 2))
 def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params, batch: dict, *,
-               rl: RLConfig, opt: optax.GradientTransformation):
+               rl: RLConfig, opt: optax.GradientTransformation, mesh: Mesh | None = None):
     """GRPO update(s) on one batch of rollouts. Non-finite loss or gradients: skipped.
 
     Every log-prob is at the sampling temperature (`rl.temperature`), and the behaviour
@@ -227,7 +230,7 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     split = lambda tree: jax.tree.map(
         lambda x: x.reshape(mb, n_micro, *x.shape[1:]).swapaxes(0, 1), tree)
     score = functools.partial(completion_logprobs, cfg, chunk=rl.logprob_chunk,
-                              temperature=rl.temperature)
+                              temperature=rl.temperature, mesh=mesh)
 
     def frozen_logprobs(p: Params) -> jax.Array:
         # Micro-batch by micro-batch too, so the update's peak memory scales with
@@ -457,7 +460,8 @@ def train(config: Any, workdir: str, policy: cat_round.Model | None = None,
     opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
     # The update keeps each state array's sharding: left to the compiler, outputs come back laid
     # out differently and the sampler and the update recompile at the next step.
-    update = jax.jit(functools.partial(train_step, cfg, rl=rl, opt=opt), donate_argnums=(0, 1),
+    update = jax.jit(functools.partial(train_step, cfg, rl=rl, opt=opt, mesh=mesh),
+                     donate_argnums=(0, 1),
                      out_shardings=(jax.tree.map(lambda p: p.sharding, params), opt_shardings,
                                     parallel.replicated(mesh)))
 

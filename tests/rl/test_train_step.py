@@ -240,13 +240,8 @@ def test_the_update_scores_the_distribution_the_sampler_drew_from():
     assert np.abs(np.asarray(at_1) - sampled).max() > 0.1
 
 
-MESH = textwrap.dedent("""
-    import jax, numpy as np, optax
-    from catjax import models, parallel
-    from catjax.rl import trainer
-    cfg = models.get_preset("tiny_qwen3", vocab_size=512)
-    mesh = parallel.make_mesh()
-    params = jax.device_put(models.init_params(cfg, jax.random.key(0)), parallel.replicated(mesh))
+# 16 rows of 16 + 8 tokens split over the mesh's data-parallel devices, and an optimizer.
+_BATCH = """
     r, p, n = 16, 16, 8
     rng = np.random.default_rng(0)
     batch = dict(tokens=rng.integers(1, 500, (r, p + n)).astype(np.int32),
@@ -257,10 +252,20 @@ MESH = textwrap.dedent("""
                  mask=np.ones((r, n), np.float32), rewards=rng.random(r).astype(np.float32))
     batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     opt = optax.adamw(1e-3)
+"""
+
+MESH = textwrap.dedent("""
+    import jax, numpy as np, optax
+    from catjax import models, parallel
+    from catjax.rl import trainer
+    cfg = models.get_preset("tiny_qwen3", vocab_size=512)
+    mesh = parallel.make_mesh()
+    params = jax.device_put(models.init_params(cfg, jax.random.key(0)), parallel.replicated(mesh))
+""" + _BATCH + """
     for micro_batch in (0, 4):  # whole, and micro-batches (each spread over the 4 devices)
         rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4, micro_batch=micro_batch)
         hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
-                                       opt=opt).compile().as_text()
+                                       opt=opt, mesh=mesh).compile().as_text()
         moved = parallel.collectives(hlo)
         # Rows stay on their device: what moves is the gradients' sum (combined into a few
         # all-reduces) and scalars (the loss's normalisers, a group's statistics). Contiguous
@@ -284,3 +289,40 @@ MESH = textwrap.dedent("""
 
 def test_on_a_data_mesh_only_gradients_and_scalars_move():
     run_on_devices(MESH, 4, timeout=300)
+
+
+FSDP = textwrap.dedent(r"""
+    import re
+    import jax, numpy as np, optax
+    from catjax import models, parallel
+    from catjax.rl import trainer
+    cfg = models.get_preset("tiny_qwen3", vocab_size=512)
+    mesh = parallel.make_mesh(data=1, fsdp=4)
+    shapes = models.param_shapes(cfg)
+    params = jax.device_put(models.init_params(cfg, jax.random.key(0)),
+                            parallel.param_shardings(shapes, models.logical_axes(cfg), mesh))
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    # A weight's dimensions, in any order and layout, without the layer axis and 1s.
+    weights = {tuple(sorted(d for d in s[i:] if d > 1)) for s in leaves for i in (0, 1)}
+""" + _BATCH + r"""
+    for micro_batch in (0, 4):
+        rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4, micro_batch=micro_batch)
+        hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
+                                       opt=opt, mesh=mesh).compile().as_text()
+        # FSDP proper: each layer's weights are gathered and their gradients summed back; the
+        # rows' activations stay on their device. Left to GSPMD, it kept the weights sharded and
+        # all-reduced every row's activations instead, layer by layer (and the logits).
+        for shape, op in parallel.collectives(hlo):
+            if op.startswith("all-to-all"):
+                continue  # the embedding lookup's [rows, T, D / 4] pieces, once
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+                got = tuple(sorted(int(d) for d in dims.split(",") if d and int(d) > 1))
+                # Token ids and positions (int32, [rows, T]) and scalars may move; activations not.
+                small = not dtype.startswith(("f", "bf")) or np.prod(got) <= r
+                assert got in weights or small, (micro_batch, shape, op)
+    print("OK")
+""")
+
+
+def test_on_an_fsdp_mesh_weights_move_and_rows_stay():
+    run_on_devices(FSDP, 4, timeout=300)

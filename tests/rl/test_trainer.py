@@ -127,7 +127,8 @@ EIGHT = textwrap.dedent("""
         else:
             b = batch
         opt_state = opt.init(params)
-        params, state, mets = trainer.train_step(cfg, params, opt_state, anchor, b, rl=rl, opt=opt)
+        params, state, mets = trainer.train_step(cfg, params, opt_state, anchor, b, rl=rl, opt=opt,
+                                                 mesh=mesh)
         return jax.device_get(params), jax.device_get(state[0])
     one, g1 = run(None)
     mesh = parallel.make_mesh(data=2, fsdp=4)
