@@ -12,7 +12,8 @@ fsdp=-1), its parameters sharded as the trainer shards them (`parallel.param_sha
 For each: XLA's temporaries per chip and the bytes each chip's collectives carry per call:
 every collective's result size times the trip counts of the loops around it (a loop's count
 read off its condition's constant: the decode loop's is its upper bound, every row running to
-the budget), split into those outside loops and those inside. Run it on a commit before
+the budget), split into those outside loops and those inside. The programs are the TPU's:
+`jax.default_backend()` answers "tpu" for catjax's choices by backend. Run it on a commit before
 2026-11-29 (a git worktree) for the programs as GSPMD partitioned them unguided.
 """
 
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--topology", default="v5p:2x2x1")
     ap.add_argument("--preset", default="qwen3_4b")
     ap.add_argument("--only", default="train,sampler")
+    ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tpu_aot_prefill import tpu_devices
@@ -58,7 +60,10 @@ def main() -> None:
     from catjax import models, parallel, sampling
     from catjax.rl import trainer
 
-    mesh = Mesh(np.array(devices).reshape(1, -1, 1), parallel.AXES,
+    # The TPU's code paths (blocked top-k, prefill chunks of 1024, plain vocabulary sums, ...),
+    # though the compile runs on the CPU backend.
+    jax.default_backend = lambda: "tpu"
+    mesh = Mesh(np.array(devices).reshape([int(x) for x in args.mesh.split(",")]), parallel.AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
     cfg = models.get_preset(args.preset).replace(remat=True)
     shardings = parallel.param_shardings(models.param_shapes(cfg), models.logical_axes(cfg), mesh)
@@ -72,7 +77,7 @@ def main() -> None:
 
     # Trees from before 2026-11-29 take no mesh: GSPMD alone partitions their programs.
     kw = {"mesh": mesh} if "mesh" in inspect.signature(trainer.train_step).parameters else {}
-    print(f"{args.preset} on a {args.topology} ({len(devices)} chips, fsdp={len(devices)}); "
+    print(f"{args.preset} on a {args.topology} ({len(devices)} chips, mesh {dict(mesh.shape)}); "
           f"train_step {'told' if kw else 'not told'} the mesh", flush=True)
     if "train" in args.only:
         params = params_as(jnp.float32)
@@ -94,9 +99,6 @@ def main() -> None:
         report(f"update, {r} rows x {w}+{n} tokens",
                step.lower(params, opt_state, params, batch).compile(), t0)
     if "sampler" in args.only:
-        # The accelerators' choices, though the compile runs on the CPU backend.
-        sampling._on_cpu = lambda: False
-        sampling.default_prefill_chunk = lambda: models.decoder.DEFAULT_Q_CHUNK
         b, p = 4, 2048
         t0 = time.perf_counter()
         compiled = sampling._sample.lower(

@@ -331,21 +331,24 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     def on_batch(x, axis: int = 0):
         return parallel.keep_rows_split(x, mesh, axis)
 
+    def cache_on_batch(c, axis: int = 0):  # [..., rows, kv heads, ...]
+        return parallel.keep_rows_split(c, mesh, axis, heads_axis=axis + 1)
+
     # Prefill once per prompt; logits only at each prompt's last token. Rows or weights first,
     # the prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise
     # every row gets a copy with room for its N tokens.
     shared = decode_layout in _SHARED_PROMPT_LAYOUTS
-    cache = jax.tree.map(lambda c: on_batch(c, 1), models.init_cache(
+    cache = jax.tree.map(lambda c: cache_on_batch(c, 1), models.init_cache(
         cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
     last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
                                     chunk=default_prefill_chunk(), mesh=mesh)
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
                            axis=0)
     if shared:
-        cache = jax.tree.map(on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n,
+        cache = jax.tree.map(cache_on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n,
                                                                 window=decode_window))
     else:
-        cache = jax.tree.map(lambda c: on_batch(jnp.repeat(c, g, axis=1), 1), cache)
+        cache = jax.tree.map(lambda c: cache_on_batch(jnp.repeat(c, g, axis=1), 1), cache)
     logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -389,9 +392,10 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None],
                                                  (pos_r + step)[:, None], cache, mesh=mesh)
         axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
-        cache = jax.tree.map(lambda c: on_batch(c, axis), cache)
+        cache = jax.tree.map(lambda c: cache_on_batch(c, axis), cache)
         head = models.decoder.head_gathered(cfg, head_params, mesh, from_shards=False)
-        logits = on_batch(models.logits_from_hidden(cfg, head, hidden)[:, 0])
+        logits = models.logits_from_hidden(cfg, head, hidden)[:, 0]
+        logits = on_batch(parallel.rows_and_vocab_split(logits, mesh))
         return step + 1, cache, logits, done, lengths, toks, lps, mlps
 
     state = (

@@ -63,7 +63,7 @@ FSDP = textwrap.dedent(r"""
     calls = []
     program = sampling._sample
     sampling._sample = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
-    for dims in ((1, 4, 1), (2, 2, 1)):
+    for dims in ((1, 4, 1), (2, 2, 1), (1, 2, 2)):
         mesh = parallel.make_mesh(*dims)
         shard = parallel.param_shardings(models.param_shapes(cfg), models.logical_axes(cfg), mesh)
         on_mesh = jax.device_put(params, shard)
@@ -72,13 +72,15 @@ FSDP = textwrap.dedent(r"""
             np.testing.assert_array_equal(out.tokens, single.tokens)
             np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
             # The weights stay in place while decoding: each step moves a few rows' partial
-            # sums, never a weight (gate, up and q/k/v were gathered every step) nor a row's
-            # logits over the vocabulary (the head is gathered once, before the loop).
+            # sums, never a weight (gate, up and q/k/v were gathered every step, and the head
+            # over a tensor axis) nor, without a tensor axis, a row's logits over the vocabulary
+            # (the head is gathered once, before the loop; split over a tensor axis, the logits
+            # are what moves).
             hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
             for shape, op in parallel.collectives(hlo, in_loops=True):
                 for dims_ in re.findall(r"\[([\d,]*)\]", shape):
                     got = [int(d) for d in dims_.split(",") if d]
-                    assert cfg.vocab_size not in got, (dims, layout, shape, op)
+                    assert dims[2] > 1 or cfg.vocab_size not in got, (dims, layout, shape, op)
                     assert tuple(sorted(d for d in got if d > 1)) not in weights, (dims, layout, shape, op)
     print("OK")
 """)

@@ -61,9 +61,23 @@ def _statistics(x_btd, w, targets_bt, tied, softcap, inv_temp):
     e = jnp.exp(z - m)
     s0, s1 = vocab_sums(e, e * z)
     lse = m[..., 0] + jnp.log(s0)
-    z_target = jnp.take_along_axis(z, targets_bt[..., None], axis=-1)[..., 0]
+    z_target = target_logits(z, targets_bt)
     # entropy = -sum p (z - lse) = lse - sum p z
     return z, lse, z_target - lse, lse - s1 / s0
+
+
+def target_logits(z_btv: jax.Array, targets_bt: jax.Array, masked: bool | None = None) -> jax.Array:
+    """`z[b, t, targets[b, t]]`. `masked` (default: off CPUs) as a sum of the logits masked to
+    the target, which a vocabulary split over devices (a tensor axis) sums where it lies: GSPMD
+    all-gathered every chunk's float32 logits for the gather (Qwen 3 4B update, v5p, tensor=2:
+    15 GB per step, bench/RESULTS.md). The same value: one term and zeros. On CPUs the gather
+    reads one entry where the mask would read them all."""
+    if masked is None:
+        masked = jax.default_backend() != "cpu"
+    if not masked:
+        return jnp.take_along_axis(z_btv, targets_bt[..., None], axis=-1)[..., 0]
+    is_target = jax.lax.broadcasted_iota(jnp.int32, z_btv.shape, z_btv.ndim - 1) == targets_bt[..., None]
+    return jnp.sum(jnp.where(is_target, z_btv, 0.0), axis=-1)
 
 
 def vocab_sums(a: jax.Array, b: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:

@@ -123,3 +123,14 @@ def test_vocabulary_sums_round_like_a_pairwise_sum(vocab):
     np.testing.assert_allclose(sa, a.astype(np.float64).sum(-1), rtol=2e-6)
     scale = np.abs(b).astype(np.float64).sum(-1)
     assert np.all(np.abs(np.asarray(sb, np.float64) - b.astype(np.float64).sum(-1)) <= 2e-6 * scale)
+
+
+def test_target_logits_masked_sum_equals_the_gather_exactly():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((2, 3, 50)) * 30, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (2, 3)), jnp.int32)
+    gathered = logprobs.target_logits(z, targets, masked=False)
+    masked = logprobs.target_logits(z, targets, masked=True)
+    np.testing.assert_array_equal(np.asarray(masked), np.asarray(gathered))
+    expected = np.take_along_axis(np.asarray(z), np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(np.asarray(gathered), expected)
