@@ -9,6 +9,8 @@ fsdp=-1), its parameters sharded as the trainer shards them (`parallel.param_sha
    128): 16 rows of 512 prompt + 1536 completion tokens;
 2. the sampler (`sampling._sample`, the TPU's scan decode, bfloat16 weights and cache): 4
    prompts of 2048 tokens, 8 rollouts of 512 new tokens each at T 0.7, top-k 20, top-p 0.8.
+3. `--only judge`: the local judge's forward (`scoring._shared_prefix_logits`), 8 prefixes of
+   2048 tokens, 32 suffixes of 64.
 For each: XLA's temporaries per chip and the bytes each chip's collectives carry per call:
 every collective's result size times the trip counts of the loops around it (a loop's count
 read off its condition's constant: the decode loop's is its upper bound, every row running to
@@ -107,6 +109,17 @@ def main() -> None:
             sp=sampling.SamplingParams(0.7, 20, 0.8), num_samples=8, max_new_tokens=512,
             stop_ids=(1,), pad_id=0, cache_dtype="bfloat16", mesh=mesh).compile()
         report(f"sampler, {b} prompts of {p} tokens, 8 x 512 new tokens each", compiled, t0)
+    if "judge" in args.only:
+        from catjax import scoring
+
+        g, p, r, s = 8, 2048, 32, 64  # 8 shared prefixes (a response each), 4 criteria each
+        shards = parallel.data_parallel_size(mesh)
+        t0 = time.perf_counter()
+        compiled = scoring._shared_prefix_logits.lower(
+            cfg, params_as(jnp.bfloat16), rows((g, p), jnp.int32), rows((g,), jnp.int32),
+            rows((r, s), jnp.int32), rows((r,), jnp.int32), rows((r,), jnp.int32), mesh=mesh,
+            shards=shards).compile()
+        report(f"local judge, {g} prefixes of {p} tokens, {r} suffixes of {s}", compiled, t0)
 
 
 def traffic(hlo_text: str) -> tuple[float, float, collections.Counter]:

@@ -123,21 +123,24 @@ def _shared_prefix_logits(cfg: ModelConfig, params: Params, prefix_gp, prefix_le
     g, p = prefix_gp.shape
     r, s = suffix_rs.shape
 
-    def on_rows(x, axis: int):
-        return parallel.keep_rows_split(x, mesh, axis)
+    def on_rows(x, axis: int, heads_axis: int | None = None):
+        return parallel.keep_rows_split(x, mesh, axis, heads_axis)
 
-    cache = jax.tree.map(lambda c: on_rows(c, 1), models.init_cache(cfg, g, p + s))
+    # Cache arrays [L, rows, kv heads, S, H]: kv heads split over a tensor axis, as the sampler's.
+    cache = jax.tree.map(lambda c: on_rows(c, 1, 2), models.init_cache(cfg, g, p + s))
     _, cache = models.prefill(cfg, params, prefix_gp, prefix_len_g, cache, mesh=mesh,
                               chunk=default_prefill_chunk())  # only its keys/values are read
     group_dr = group_r.reshape(shards, r // shards)
 
-    def per_row(x, axis: int):  # [.., G, ..] -> [.., R, ..]: each row's prefix, on its shard
-        x = on_rows(x.reshape(*x.shape[:axis], shards, g // shards, *x.shape[axis + 1:]), axis)
+    def per_row(x, axis: int, heads: int | None = None):  # [.., G, ..] -> [.., R, ..]: each
+        # row's prefix, on its shard
+        x = on_rows(x.reshape(*x.shape[:axis], shards, g // shards, *x.shape[axis + 1:]), axis,
+                    None if heads is None else heads + 1)
         x = jax.vmap(lambda xs, idx: jnp.take(xs, idx, axis=axis), in_axes=(axis, 0),
                      out_axes=axis)(x, group_dr)
-        return on_rows(x.reshape(*x.shape[:axis], r, *x.shape[axis + 2:]), axis)
+        return on_rows(x.reshape(*x.shape[:axis], r, *x.shape[axis + 2:]), axis, heads)
 
-    cache = jax.tree.map(lambda c: per_row(c, 1), cache)
+    cache = jax.tree.map(lambda c: per_row(c, 1, 2), cache)
     positions = per_row(prefix_len_g, 0)[:, None] + jnp.arange(s, dtype=jnp.int32)
     # The last layer runs whole only at each suffix's last token, the one scored.
     x, cache = models.hidden_cached(cfg, params, suffix_rs, positions, cache, kv_only_last=True,
