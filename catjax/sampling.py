@@ -345,8 +345,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
                            axis=0)
     if shared:
-        cache = jax.tree.map(cache_on_batch, models.init_shared_cache(cfg, cache, prompt_len_b, g, n,
-                                                                window=decode_window))
+        cache = jax.tree.map(cache_on_batch, models.init_shared_cache(
+            cfg, cache, prompt_len_b, g, n, window=decode_window))
     else:
         cache = jax.tree.map(lambda c: cache_on_batch(jnp.repeat(c, g, axis=1), 1), cache)
     logits_rv = on_batch(logits_rv)

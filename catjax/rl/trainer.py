@@ -177,7 +177,9 @@ def completion_logprobs(cfg: ModelConfig, params: Params, batch: dict, chunk: in
     row at a 152k vocabulary, times the log-softmax and its gradient): chunked, only [R, chunk, V]
     is live, and the backward pass recomputes a chunk's logits (`models.token_logprobs` keeps only
     per-position statistics between the passes) instead of storing them. The values are the
-    unchunked ones; a remainder (chunk not dividing N) is one more, smaller chunk.
+    unchunked ones; a remainder (chunk not dividing N) is one more, smaller chunk. `mesh`: the
+    rows split over it; with an fsdp axis each layer's weights, and the head once, are gathered
+    over it (`models.hidden_states`).
     """
     hidden = models.hidden_states(cfg, params, batch["tokens"], positions_bt=batch["positions"],
                                   mask_bt=batch["key_mask"], mesh=mesh)
@@ -215,6 +217,7 @@ def train_step(cfg: ModelConfig, params: Params, opt_state: Any, anchor: Params,
     anchor. Here the policy and the anchor run one computation: equal weights, a KL of exactly 0.
     That is one more forward pass, saved when nothing needs the values before the gradient pass
     (one iteration without a reward-level KL: the pass reads its own, a ratio of exactly 1).
+    `mesh`: the one params and batch lie on (`completion_logprobs`); the trainer passes its own.
     """
     mask = batch["mask"]
     rows = mask.shape[0]
