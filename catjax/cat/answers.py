@@ -177,8 +177,9 @@ def extract_answer(
 # Normalisation: a pipeline of small string rewrites; both sides of a comparison get the same.
 # --------------------------------------------------------------------------------------------
 
-# C0 control characters (NUL included) and DEL carry no meaning in an answer.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 control characters (NUL included) and DEL carry no meaning in an answer (nor in a rubric
+# criterion, `rubrics` strips them too). Tab, newline and carriage return are not in it.
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Delimiters and spacing: `$`/`\$` (math mode, currency), `\( \) \[ \]`, thin spaces
 # `\! \, \; \:` (dropped, but a space between two digits: `1\;2` is not 12; after a comma,
 # with the spaces around them, see `_COMMA_THIN_RE`), wide spaces -> one space.
@@ -266,7 +267,7 @@ _DECIMAL_RE = re.compile(r"(?<![\d.])(\d+)\.(\d+)(?![\d.])", re.ASCII)
 
 
 def _strip_controls(s: str) -> str:
-    return _CONTROL_RE.sub("", s.replace("\n", " ").replace("\t", " ").replace("\r", " "))
+    return CONTROL_CHARS_RE.sub("", s.replace("\n", " ").replace("\t", " ").replace("\r", " "))
 
 
 def _drop_delimiters_and_spacing(s: str) -> str:

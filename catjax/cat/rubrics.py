@@ -25,7 +25,7 @@ import defusedxml.ElementTree as safe_et
 import jax
 
 from catjax import parallel
-from catjax.cat import prompts
+from catjax.cat import answers, prompts
 
 _log = logging.getLogger(__name__)
 
@@ -54,14 +54,13 @@ _DECLARATION = re.compile(r"<!\s*(?:DOCTYPE|ENTITY)\b", re.IGNORECASE)
 _XML_REF = re.compile(r"&(?:(amp|lt|gt|quot|apos)|#(\d{1,7})|#[xX]([0-9a-fA-F]{1,6}));")
 _XML_NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 _SPACE_RUN = re.compile(r"\s+")
-# Control characters (a raw NUL, or "&#1;" decoded) would travel into every judge prompt.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _clean(text: str) -> str:
     """One line, whitespace collapsed, controls dropped, capped: criteria are single yes/no
     statements."""
-    text = _SPACE_RUN.sub(" ", _CONTROL.sub("", text)).strip()
+    # Control characters (a raw NUL, or "&#1;" decoded) would travel into every judge prompt.
+    text = _SPACE_RUN.sub(" ", answers.CONTROL_CHARS_RE.sub("", text)).strip()
     if len(text) > MAX_CRITERION_CHARS:
         text = text[: MAX_CRITERION_CHARS - 1].rstrip() + "…"
     return text
