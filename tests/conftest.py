@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Many tests (and the subprocesses they start, which inherit the environment) compile the same
-# tiny programs: both xdist workers share one persistent cache, which keeps every program, however
-# quick to compile (a fresh process would otherwise recompile dozens of 0.1-0.5 s ones). Set
-# before JAX is imported.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"))
+# tiny programs: a persistent cache keeps every program, however quick to compile (a fresh
+# process would otherwise recompile dozens of 0.1-0.5 s ones). One per xdist worker: JAX writes
+# a cache entry in place, not atomically, and a worker that read a program while the other was
+# still writing it died in deserialisation (a segfault in tests/test_sft.py, 2026-11-29). A
+# worker's subprocesses run one at a time and share its cache. Set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(
+    Path(__file__).resolve().parent.parent / ".cache" / "jax-tests"
+    / os.environ.get("PYTEST_XDIST_WORKER", "main")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # The tests compile far more than they run: LLVM without optimisation (XLA's backend level 0)
 # took the whole suite from 1237 to 972 s on 2 cores; only the long runs got slower (toy CaT-RL
