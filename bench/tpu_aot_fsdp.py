@@ -15,8 +15,9 @@ For each: XLA's temporaries per chip and the bytes each chip's collectives carry
 every collective's result size times the trip counts of the loops around it (a loop's count
 read off its condition's constant: the decode loop's is its upper bound, every row running to
 the budget), split into those outside loops and those inside. The programs are the TPU's:
-`jax.default_backend()` answers "tpu" for catjax's choices by backend. Run it on a commit before
-2026-11-29 (a git worktree) for the programs as GSPMD partitioned them unguided.
+`jax.default_backend()` answers "tpu" for catjax's choices by backend. `--tree DIR`: compile an
+older commit's catjax (a git worktree; 84ea27a has the programs as GSPMD partitioned them
+unguided), read with this checkout's `catjax/hlo.py`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ import numpy as np
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
           "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
-_WHILE = re.compile(r"\bwhile\(.*?condition=%?([\w.\-]+), body=%?([\w.\-]+)")
-_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$", re.M)
-_CALLS = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
-_BRANCH = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_TRIPS = re.compile(r"\bs32\[\](?:\{[^}]*\})? constant\((\d+)\)")
 
 
 def main() -> None:
@@ -49,11 +45,12 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3_4b")
     ap.add_argument("--only", default="train,sampler")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
+    ap.add_argument("--tree", help="the checkout whose catjax to compile (default: this one)")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tpu_aot_prefill import tpu_devices
 
-    devices = tpu_devices("tpu_aot_fsdp", args.libtpu, args.topology)
+    devices = tpu_devices("tpu_aot_fsdp", args.libtpu, args.topology, args.tree)
     import jax
     import jax.numpy as jnp
     import optax
@@ -124,44 +121,20 @@ def main() -> None:
 
 def traffic(hlo_text: str) -> tuple[float, float, collections.Counter]:
     """(bytes outside loops, bytes inside them, bytes by (op, shape)) of a program's collectives,
-    each counted as often as the loops around it run. (Its own reading of the text, so that it
-    runs on older trees too.)"""
-    from catjax import parallel
+    each counted as often as the loops around it run (`catjax/hlo.py`'s trip counts)."""
+    from tpu_aot_prefill import load_hlo
 
-    heads = list(_HEAD.finditer(hlo_text))
-    comps = [(m.group(2), bool(m.group(1)),
-              hlo_text[m.end():heads[i + 1].start() if i + 1 < len(heads) else None])
-             for i, m in enumerate(heads)]
-    texts = {name: text for name, _, text in comps}
-    edges: dict[str, list[tuple[str, int]]] = {}
-    for name, _, text in comps:
-        out = []
-        for cond, body in _WHILE.findall(text):
-            trips = [int(t) for t in _TRIPS.findall(texts.get(cond, ""))]
-            out.append((body, max(trips) if trips else 1))
-        out += [(callee, 1) for callee in _CALLS.findall(text)]
-        out += [(c.strip().lstrip("%"), 1) for group in _BRANCH.findall(text)
-                for c in group.split(",")]
-        edges[name] = out
-    runs = collections.Counter({name: 1 for name, entry, _ in comps if entry})
-    order = [name for name, entry, _ in comps if entry]
-    for name in order:  # callers before callees: a breadth-first walk of the (acyclic) graph
-        for callee, trips in edges.get(name, ()):
-            if callee not in runs:
-                order.append(callee)
-            runs[callee] += runs[name] * trips
     once = looped = 0.0
     by_shape: collections.Counter = collections.Counter()
-    for name, _, text in comps:
-        for shape, op in parallel.collectives(text):
-            size = sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dd.split(",") if d]))
-                       for dt, dd in _ARRAY.findall(shape))
-            total = size * runs[name]
-            by_shape[(op, re.sub(r"\{[^}]*\}", "", shape)[:90])] += total
-            if runs[name] > 1:
-                looped += total
-            else:
-                once += total
+    for shape, op, trips in load_hlo().collectives_with_trips(hlo_text):
+        size = sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dd.split(",") if d]))
+                   for dt, dd in _ARRAY.findall(shape))
+        total = size * int(np.prod(trips))
+        by_shape[(op, re.sub(r"\{[^}]*\}", "", shape)[:90])] += total
+        if trips:
+            looped += total
+        else:
+            once += total
     return once, looped, by_shape
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import os
 import sys
 import time
@@ -80,15 +81,22 @@ def main() -> None:
                jax.jit(prefill).lower(params, tokens, lengths).compile(), t0)
 
 
-def tpu_devices(script: str, libtpu: str, topology: str) -> list:
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tpu_devices(script: str, libtpu: str, topology: str, tree: str | None = None) -> list:
     """The chips of a TPU `topology` ("v5e:2x2", "v5p:2x2x1") to compile for, on this machine's
-    CPU backend with the libtpu package in folder `libtpu` (one host's chips)."""
+    CPU backend with the libtpu package in folder `libtpu` (one host's chips). `tree`: the
+    checkout whose catjax is compiled (default: this one; an older commit's git worktree to
+    compare)."""
     if not os.path.isdir(os.path.join(libtpu, "libtpu")):
         sys.exit(f"{script}: --libtpu {libtpu}: no libtpu package there (install it with the "
                  "pip line in this script's docstring)")
+    if tree is not None and not os.path.isdir(os.path.join(tree, "catjax")):
+        sys.exit(f"{script}: --tree {tree}: no catjax package there")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     sys.path.insert(0, libtpu)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, tree or _REPO)
     import jax
     from jax.experimental.topologies import get_topology_desc
 
@@ -99,11 +107,17 @@ def tpu_devices(script: str, libtpu: str, topology: str) -> list:
                              num_slices=1).devices
 
 
+def load_hlo():
+    """This checkout's `catjax/hlo.py` (reading compiled programs), whichever tree is compiled."""
+    spec = importlib.util.spec_from_file_location("bench_hlo", os.path.join(_REPO, "catjax", "hlo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def report(what: str, compiled, t0: float) -> None:
     mem = compiled.memory_analysis()
-    from catjax import parallel
-
-    moved = collections.Counter(parallel.collectives(compiled.as_text()))
+    moved = collections.Counter(load_hlo().collectives(compiled.as_text()))
     listed = ", ".join(f"{n} x {op} {shape}" for (shape, op), n in sorted(moved.items()))
     print(f"{what}: temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB per chip, arguments "
           f"{mem.argument_size_in_bytes / 2**30:.2f} GiB (compiled in "

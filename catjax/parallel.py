@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import re
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -65,13 +64,12 @@ def keep_rows_split(x: jax.Array, mesh: Mesh | None, axis: int = 0,
     chip of the tensor axis (Qwen 3 4B sampler, tensor=4: 9.43 GiB per chip)."""
     if mesh is None:
         return x
-    sharding = batch_sharding(mesh, x.ndim, axis)
+    spec = [None] * x.ndim
+    spec[axis] = BATCH_AXES
     if (heads_axis is not None and heads_axis < x.ndim and mesh.shape["tensor"] > 1
             and x.shape[heads_axis] % mesh.shape["tensor"] == 0):
-        spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
         spec[heads_axis] = "tensor"
-        sharding = NamedSharding(mesh, PartitionSpec(*spec))
-    return jax.lax.with_sharding_constraint(x, sharding)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 def rows_and_vocab_split(x: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -335,53 +333,3 @@ def allgather_json(obj: Any) -> list[Any]:
     buf[4:4 + blob.size] = blob
     got = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
     return [json.loads(row[4:4 + int(row[:4].view(np.uint32)[0])].tobytes()) for row in got]
-
-
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) (all-gather|all-to-all|collective-permute|"
-                         r"all-reduce|reduce-scatter|ragged-all-to-all)(-start)?\(", re.M)
-
-
-def collectives(hlo_text: str, in_loops: bool = False) -> list[tuple[str, str]]:
-    """(shape, op) of every cross-device collective in a compiled program's text
-    (`jit(f).lower(...).compile().as_text()`): what moves between devices. Combined
-    collectives carry a tuple shape; asynchronous ones are counted at their start.
-
-    `in_loops`: only those inside a while loop (a decode step, a layer of a scan), which run
-    once per trip rather than once per call."""
-    if not in_loops:
-        return [(shape, op + (start or "")) for shape, op, start in _COLLECTIVE.findall(hlo_text)]
-    return [(shape, op) for shape, op, depth in collectives_by_depth(hlo_text) if depth > 0]
-
-
-def collectives_by_depth(hlo_text: str) -> list[tuple[str, str, int]]:
-    """`collectives` with how many while loops enclose each (0: once per call; for a sampler
-    on the TPU's scan layout, 2: once per decode step and layer)."""
-    comps = _computations(hlo_text)
-    edges = {name: [(callee, 1) for callee in _LOOP_BODY.findall(text)]
-             + [(callee, 0) for callee in _CALLED.findall(text)]
-             + [(c.strip().lstrip("%"), 0) for group in _BRANCHES.findall(text)
-                for c in group.split(",")] for name, _, text in comps}
-    depth = {name: 0 for name, entry, _ in comps if entry}
-    todo = list(depth)
-    while todo:  # deepest nesting each computation is reached at (call graphs are acyclic)
-        name = todo.pop()
-        for callee, step in edges.get(name, ()):
-            if depth.get(callee, -1) < depth[name] + step:
-                depth[callee] = depth[name] + step
-                todo.append(callee)
-    return [(shape, op, depth.get(name, 0)) for name, _, text in comps
-            for shape, op in collectives(text)]
-
-
-_COMPUTATION_HEAD = re.compile(r"^(ENTRY )?%?([^\s(]+) .*\{\s*$", re.M)
-_LOOP_BODY = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
-_CALLED = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-
-
-def _computations(hlo_text: str) -> list[tuple[str, bool, str]]:
-    """(name, is the entry, text) of each computation of an HLO module's text."""
-    heads = list(_COMPUTATION_HEAD.finditer(hlo_text))
-    return [(m.group(2), bool(m.group(1)),
-             hlo_text[m.end():heads[i + 1].start() if i + 1 < len(heads) else None])
-            for i, m in enumerate(heads)]

@@ -224,7 +224,8 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
                          "host's devices")
     mesh = parallel.mesh_of(params)
     dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
-    put = functools.partial(parallel.put_rows, mesh=mesh if dp > 1 else None)
+    mesh = mesh if dp > 1 else None
+    put = functools.partial(parallel.put_rows, mesh=mesh)
     results: list[np.ndarray] = []
     rows = _batch_rows(len(prompts), batch_size * dp)
     rows = -(-rows // dp) * dp
@@ -239,6 +240,6 @@ def continuation_logprobs(cfg: ModelConfig, params: Params, prompts: Sequence[Se
             pred[i, :len(c)] = len(p) - 1 + np.arange(len(c))
             targets[i, :len(c)] = c
         lp = np.asarray(_gathered_logprobs(cfg, params, put(toks), put(pred), put(targets),
-                                           mesh=mesh if dp > 1 else None))
+                                           mesh=mesh))
         results.extend(lp[i, :len(c)] for i, c in enumerate(cs))
     return results

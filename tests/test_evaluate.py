@@ -104,7 +104,7 @@ def test_records_of_another_config_are_refused_before_any_weights_load(tmp_path,
 MESH = textwrap.dedent("""
     import json, os, sys, tempfile
     import jax, numpy as np
-    from catjax import evaluate, loading, parallel, scoring
+    from catjax import evaluate, hlo, loading, parallel, scoring
     from configs import eval_math500
     config = eval_math500.get_config("model=tiny,n=2,g=2")
     config.model.init, config.model.tokenizer = "random:tiny_qwen3", "smollm2"
@@ -126,8 +126,8 @@ MESH = textwrap.dedent("""
     # The same samples, picks and syntheses whichever way the rows were split.
     assert runs["four chips"] == runs["one device"]
     # The mutual-predictability scorer's rows stayed on their chips too.
-    hlo = program.lower(*calls[0][0], **calls[0][1]).compile().as_text()
-    assert not parallel.collectives(hlo), sorted(set(parallel.collectives(hlo)))
+    text = program.lower(*calls[0][0], **calls[0][1]).compile().as_text()
+    assert not hlo.collectives(text), sorted(set(hlo.collectives(text)))
     assert calls[0][0][1]["embed"].sharding.mesh.devices.size == 4
     print("OK")
 """)

@@ -7,7 +7,7 @@ from tests.devices import run_on_devices
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from catjax import models, parallel, sampling
+    from catjax import hlo, models, parallel, sampling
     cfg = models.get_preset("tiny_llama")
     params = models.init_params(cfg, jax.random.key(0))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
@@ -36,8 +36,8 @@ SCRIPT = textwrap.dedent("""
         # Rows stay on their device: the one collective is the prefill's scalar "any prompt
         # still running" (the cache writes and top-k once all-gathered every row's keys and
         # values, and logits, to every device each step).
-        hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
-        moved = parallel.collectives(hlo)
+        text = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
+        moved = hlo.collectives(text)
         assert set(moved) <= {("pred[]", "all-reduce")}, (layout, sp, sorted(set(moved)))
     print("OK")
 """)
@@ -50,7 +50,7 @@ def test_sampling_on_a_data_mesh_matches_one_device_and_keeps_rows_local():
 FSDP = textwrap.dedent(r"""
     import re
     import jax, numpy as np
-    from catjax import models, parallel, sampling
+    from catjax import hlo, models, parallel, sampling
     cfg = models.get_preset("tiny_llama")  # an untied head [D, V]
     params = models.init_params(cfg, jax.random.key(0))
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [3, 4]]
@@ -76,8 +76,8 @@ FSDP = textwrap.dedent(r"""
             # over a tensor axis) nor, without a tensor axis, a row's logits over the vocabulary
             # (the head is gathered once, before the loop; split over a tensor axis, the logits
             # are what moves).
-            hlo = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
-            for shape, op in parallel.collectives(hlo, in_loops=True):
+            text = program.lower(*calls[-1][0], **calls[-1][1]).compile().as_text()
+            for shape, op in hlo.collectives(text, in_loops=True):
                 for dims_ in re.findall(r"\[([\d,]*)\]", shape):
                     got = [int(d) for d in dims_.split(",") if d]
                     assert dims[2] > 1 or cfg.vocab_size not in got, (dims, layout, shape, op)

@@ -76,7 +76,7 @@ def test_empty_prompts_and_out_of_vocabulary_ids_are_one_line_errors():
 
 MESH = textwrap.dedent("""
     import jax, numpy as np
-    from catjax import models, parallel, scoring
+    from catjax import hlo, models, parallel, scoring
     cfg = models.get_preset("tiny_qwen3")
     params = models.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -105,9 +105,9 @@ MESH = textwrap.dedent("""
         args, kw = calls[first[dims]]
         return program.lower(*args, **kw).compile().as_text()
 
-    moved = parallel.collectives(compiled((4, 1, 1)))
+    moved = hlo.collectives(compiled((4, 1, 1)))
     assert not moved, sorted(set(moved))
-    assert any(op == "all-gather" for _, op in parallel.collectives(compiled((2, 2, 1))))
+    assert any(op == "all-gather" for _, op in hlo.collectives(compiled((2, 2, 1))))
     print("OK")
 """)
 

@@ -256,7 +256,7 @@ _BATCH = """
 
 MESH = textwrap.dedent("""
     import jax, numpy as np, optax
-    from catjax import models, parallel
+    from catjax import hlo, models, parallel
     from catjax.rl import trainer
     cfg = models.get_preset("tiny_qwen3", vocab_size=512)
     mesh = parallel.make_mesh()
@@ -264,9 +264,9 @@ MESH = textwrap.dedent("""
 """ + _BATCH + """
     for micro_batch in (0, 4):  # whole, and micro-batches (each spread over the 4 devices)
         rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4, micro_batch=micro_batch)
-        hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
+        text = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
                                        opt=opt, mesh=mesh).compile().as_text()
-        moved = parallel.collectives(hlo)
+        moved = hlo.collectives(text)
         # Rows stay on their device: what moves is the gradients' sum (combined into a few
         # all-reduces) and scalars (the loss's normalisers, a group's statistics). Contiguous
         # micro-batches once gathered the whole batch to every device instead.
@@ -294,7 +294,7 @@ def test_on_a_data_mesh_only_gradients_and_scalars_move():
 FSDP = textwrap.dedent(r"""
     import re
     import jax, numpy as np, optax
-    from catjax import models, parallel
+    from catjax import hlo, models, parallel
     from catjax.rl import trainer
     cfg = models.get_preset("tiny_qwen3", vocab_size=512)
     mesh = parallel.make_mesh(data=1, fsdp=4)
@@ -307,12 +307,12 @@ FSDP = textwrap.dedent(r"""
 """ + _BATCH + r"""
     for micro_batch in (0, 4):
         rl = trainer.RLConfig(num_rollouts=8, logprob_chunk=4, micro_batch=micro_batch)
-        hlo = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
+        text = trainer.train_step.lower(cfg, params, opt.init(params), params, batch, rl=rl,
                                        opt=opt, mesh=mesh).compile().as_text()
         # FSDP proper: each layer's weights are gathered and their gradients summed back; the
         # rows' activations stay on their device. Left to GSPMD, it kept the weights sharded and
         # all-reduced every row's activations instead, layer by layer (and the logits).
-        for shape, op in parallel.collectives(hlo):
+        for shape, op in hlo.collectives(text):
             if op.startswith("all-to-all"):
                 continue  # the embedding lookup's [rows, T, D / 4] pieces, once
             for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
