@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from catjax import models, sampling  # noqa: E402
+from catjax import drafting, models, sampling  # noqa: E402
 from catjax.models import hf  # noqa: E402
 
 ROWS_PER_PROMPT = 8  # G
@@ -301,6 +301,22 @@ class Bench:
                 synthesis_prompt_tokens=len(syn[0]))
             print(f"synthesis vs one more rollout, {questions} questions, N={n}: {t_syn:.3f} vs "
                   f"{t_roll:.3f} s = {t_syn / t_roll:.2f}x", flush=True)
+            if questions != 4:
+                continue
+            # Drafted (`sampling.sample(draft_tokens=4)`): the same tokens in fewer passes; what
+            # a pass over 5 tokens a row costs against a plain step decides its default here.
+            tokens, lengths = sampling.pad_prompts(syn, 0, None)
+            kw = dict(num_samples=1, max_new_tokens=n, draft_tokens=4, stop_ids=(), pad_id=0,
+                      cache_dtype=sampling.default_cache_dtype(cfg), mesh=None, unrolled=True)
+            passes = int(drafting.sample_drafted(cfg, self.params, jnp.asarray(tokens),
+                                                 jnp.asarray(lengths), **kw)[1])
+            t_dr = timeit(lambda syn=syn: sampling.sample(
+                cfg, self.params, syn, max_new_tokens=n, stop_ids=(), rng=jax.random.key(2),
+                temperature=0.0, logprobs=False, draft_tokens=4, decode_layout="unrolled").tokens, 3)
+            self.rows[f"synthesis_{questions}q"].update(
+                drafted_s=t_dr, drafted_passes=passes, drafted_vs_rollout=t_dr / t_roll)
+            print(f"  drafted (4 a pass): {t_dr:.3f} s in {passes} passes for {n} tokens = "
+                  f"{t_dr / t_roll:.2f}x one more rollout", flush=True)
 
     # --- 5 -------------------------------------------------------------------------------------
     def train(self):
@@ -381,6 +397,9 @@ class Bench:
         for k in ("synthesis_4q", "synthesis_32q"):
             if k in r:
                 print(f"| {k} vs one more rollout | {r[k]['synthesis_vs_rollout']:.2f}x |")
+                if "drafted_vs_rollout" in r[k]:
+                    print(f"| {k} drafted ({r[k]['drafted_passes']} passes) vs one more rollout | "
+                          f"{r[k]['drafted_vs_rollout']:.2f}x |")
         if "train" in r:
             print(f"| train MFU | {r['train']['mfu']:.1%} |")
         if "vs_transformers" in r:

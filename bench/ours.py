@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import workload  # noqa: E402
 
-from catjax import models, sampling, text  # noqa: E402
+from catjax import drafting, models, sampling, text  # noqa: E402
 from catjax.cat import round as cat_round  # noqa: E402
 from catjax.cat import rubrics  # noqa: E402
 from catjax.cat.local_judge import LocalJudge  # noqa: E402
@@ -43,6 +43,7 @@ from catjax.datasets.records import Example  # noqa: E402
 from catjax.rl import trainer  # noqa: E402
 
 # Seconds JAX spent tracing, lowering and compiling, so far (a listener on its own events).
+DRAFT = 4  # tokens drafted per pass in the drafted synthesis (`sampling.sample(draft_tokens=)`)
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
@@ -156,7 +157,12 @@ def task_synthesis(m, args) -> dict:
     keys = iter(jax.random.split(jax.random.key(1), 4 * (args.repeats + 1)))
 
     def synth():  # the anchor is greedy (RoundConfig.anchor_temperature = 0)
-        block(sampling.sample(m.cfg, m.params, syn_prompts, rng=next(keys), temperature=0.0, **kw))
+        block(sampling.sample(m.cfg, m.params, syn_prompts, rng=next(keys), temperature=0.0,
+                              draft_tokens=rc.anchor_draft_tokens, **kw))
+
+    def synth_drafted():  # the same tokens, checked DRAFT at a time (round.anchor_draft_tokens)
+        block(sampling.sample(m.cfg, m.params, syn_prompts, rng=next(keys), temperature=0.0,
+                              draft_tokens=DRAFT, **kw))
 
     def rollout():
         block(sampling.sample(m.cfg, m.params, prompts, rng=next(keys), temperature=1.0, **kw))
@@ -164,10 +170,18 @@ def task_synthesis(m, args) -> dict:
     # Alternate the two so that machine noise falls on both alike.
     t_syn, f_syn = workload.timed(synth, 1)
     t_roll, f_roll = workload.timed(rollout, 1)
+    t_dr, f_dr = workload.timed(synth_drafted, 1)
     for _ in range(args.repeats - 1):
         t_syn += workload.timed(synth, 1, warmup=0)[0]
         t_roll += workload.timed(rollout, 1, warmup=0)[0]
-    syn_s, roll_s = float(np.median(t_syn)), float(np.median(t_roll))
+        t_dr += workload.timed(synth_drafted, 1, warmup=0)[0]
+    syn_s, roll_s, dr_s = (float(np.median(t)) for t in (t_syn, t_roll, t_dr))
+    tokens, lengths = sampling.pad_prompts(syn_prompts, m.tokenizer.pad_id, None)
+    _, passes = drafting.sample_drafted(
+        m.cfg, m.params, jnp.asarray(tokens), jnp.asarray(lengths), num_samples=1,
+        max_new_tokens=n, draft_tokens=DRAFT, stop_ids=(), pad_id=m.tokenizer.pad_id,
+        cache_dtype=sampling.default_cache_dtype(m.cfg), mesh=None,
+        unrolled=sampling.default_decode_layout() != "scan")
 
     # Judge: 5 criteria for every rollout, one forward pass per (criterion, rollout) pair.
     judge = LocalJudge(m.cfg, m.params, m.tokenizer, batch_size=32)
@@ -187,6 +201,9 @@ def task_synthesis(m, args) -> dict:
         "synthesis_s": syn_s, "synthesis_times_s": t_syn, "synthesis_first_s": f_syn,
         "rollout_s": roll_s, "rollout_times_s": t_roll, "rollout_first_s": f_roll,
         "synthesis_vs_rollout": syn_s / roll_s,
+        "draft_tokens": DRAFT, "synthesis_drafted_s": dr_s, "synthesis_drafted_times_s": t_dr,
+        "synthesis_drafted_first_s": f_dr, "synthesis_drafted_vs_rollout": dr_s / roll_s,
+        "synthesis_drafted_passes": int(passes),
         "judge_pairs": sum(len(c) for c, _ in items), "judge_s": judge_s,
         "judge_first_s": j_first, "judge_s_per_rollout": judge_s / len(items),
         "judge_vs_rollout_row": judge_s / len(items) / per_rollout_gen,

@@ -191,6 +191,7 @@ def main() -> None:
         ratios["synthesis_vs_rollout"] = res["synthesis"][0]["synthesis_vs_rollout"]
     for r in res["synthesis"]:
         ratios[f"synthesis_vs_rollout_{r['model']}"] = r["synthesis_vs_rollout"]
+        ratios[f"synthesis_drafted_vs_rollout_{r['model']}"] = r["synthesis_drafted_vs_rollout"]
         ratios[f"judge_vs_rollout_{r['model']}"] = r["judge_vs_rollout_row"]
     g_rows = res["scaling_g"]
     if g_rows:
@@ -342,11 +343,14 @@ def write_markdown(res: dict, pngs: list[str], mode: str) -> None:
     if res["synthesis"]:
         lines += ["", "### 3. The cost of CaT itself", "",
               "| model | N | synthesis over G=8 rollouts, 4 rows (s) | one more rollout, 4 rows (s) "
-              "| ratio | synthesis prompt tokens | judge: 5 criteria per rollout, s per rollout | "
-              "judge / one rollout row |", "|---|---|---|---|---|---|---|---|"]
+              "| ratio | drafted synthesis (s), passes / N | ratio | synthesis prompt tokens "
+              "| judge: 5 criteria per rollout, s per rollout | judge / one rollout row |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["synthesis"]:
             lines.append(f"| {r['model']} | {r['new_tokens']} | {r['synthesis_s']:.2f} | "
                      f"{r['rollout_s']:.2f} | {r['synthesis_vs_rollout']:.2f} | "
+                     f"{r['synthesis_drafted_s']:.2f}, {r['synthesis_drafted_passes']} / "
+                     f"{r['new_tokens']} | {r['synthesis_drafted_vs_rollout']:.2f} | "
                      f"{min(r['synthesis_prompt_tokens'])}-{max(r['synthesis_prompt_tokens'])} | "
                      f"{r['judge_s_per_rollout']:.3f} | {r['judge_vs_rollout_row']:.2f} |")
     if res["scaling_g"] or res["scaling_n"]:

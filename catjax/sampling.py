@@ -420,6 +420,16 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
                                                jnp.repeat(prompt_len_b, g)))
 
 
+def _sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
+                    prompt_len_b: jax.Array, rng: jax.Array, *, sp: SamplingParams,
+                    draft_tokens: int, unrolled: bool, **kw) -> SampleOutput:
+    """`_sample`'s signature over `drafting.sample_drafted` (greedy: `rng`, `sp` unused)."""
+    from catjax import drafting  # imports this module
+
+    return drafting.sample_drafted(cfg, params, prompt_bp, prompt_len_b,
+                                   draft_tokens=draft_tokens, unrolled=unrolled, **kw)[0]
+
+
 DECODE_LAYOUTS = ("scan", "unrolled", "rows_first", "weights_first")
 
 
@@ -468,7 +478,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
            prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
            decode_layout: str | None = None, decode_window: int | None = None,
-           logprobs: bool = True) -> SampleOutput:
+           logprobs: bool = True, draft_tokens: int = 0) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -490,6 +500,11 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     (`SampleOutput.logprobs`, `.model_logprobs`); False: None, and a cheaper step (the plain
     model's log-probs cost one more pass over the vocabulary, `draw`). CaT's rollouts and
     syntheses pass False: they read tokens only, and the update scores its own.
+
+    `draft_tokens` (temperature 0 only): each decoding pass checks up to this many tokens
+    drafted from the row's own context (`catjax.drafting`, prompt-lookup decoding); the tokens
+    are the plain greedy ones, the passes fewer where the text repeats its prompt. Those passes
+    run the "scan" or "unrolled" layout (`decode_layout`; the others are taken as "unrolled").
 
     Multi-process (params are global arrays, or `mesh` spans other processes): every process
     calls `sample` at the same point with its own prompts and gets back its own rows, as host
@@ -515,6 +530,16 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if decode_window and decode_layout not in _SHARED_PROMPT_LAYOUTS:
         raise ValueError(f"decode_window={decode_window}: windows need decode_layout in "
                          f"{_SHARED_PROMPT_LAYOUTS}, not {decode_layout!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int | np.integer) \
+            or draft_tokens < 0:
+        raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0 (0: no drafts)")
+    if draft_tokens and temperature != 0:
+        raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
+                         f"{temperature}: drafts are checked against the model's argmax")
+    run = functools.partial(_sample, decode_layout=decode_layout, decode_window=decode_window)
+    if draft_tokens:
+        run = functools.partial(_sample_drafted, draft_tokens=int(draft_tokens),
+                                unrolled=decode_layout != "scan")
     if jax.process_count() > 1 and (parallel.is_global(params) or (
             mesh is not None and mesh.devices.size > jax.local_device_count())):
         return _sample_multiprocess(
@@ -523,7 +548,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
             stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
             cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name,
             prompt_length=prompt_length, mesh=mesh or parallel.mesh_of(params),
-            decode_layout=decode_layout, decode_window=decode_window, logprobs=bool(logprobs))
+            logprobs=bool(logprobs), run=run)
     if mesh is None:  # params laid out on several devices: split the batch over them too
         mesh = parallel.mesh_of(params)
         mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
@@ -538,12 +563,11 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if mesh is not None:
         tokens = jax.device_put(tokens, parallel.batch_sharding(mesh, 2))
         lengths = jax.device_put(lengths, parallel.batch_sharding(mesh, 1))
-    out = _sample(cfg, params, tokens, lengths, rng, sp=sp, num_samples=num_samples,
-                  max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
-                  pad_id=int(pad_id),
-                  cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
-                  decode_layout=decode_layout, decode_window=decode_window,
-                  logprobs=bool(logprobs))
+    out = run(cfg, params, tokens, lengths, rng, sp=sp, num_samples=num_samples,
+              max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
+              pad_id=int(pad_id),
+              cache_dtype=jnp.dtype(cache_dtype or default_cache_dtype(cfg)).name, mesh=mesh,
+              logprobs=bool(logprobs))
     rows = num_prompts * num_samples
     if out.tokens.shape[0] != rows:  # drop the rows of padding prompts
         out = jax.tree.map(lambda x: x[:rows], out)
@@ -554,8 +578,8 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
                          num_samples: int, max_new_tokens: int, rng: jax.Array,
                          sp: SamplingParams, stop_ids: tuple[int, ...], pad_id: int,
                          cache_dtype: str, prompt_length: int | None,
-                         mesh: jax.sharding.Mesh | None, decode_layout: str,
-                         decode_window: int, logprobs: bool) -> SampleOutput:
+                         mesh: jax.sharding.Mesh | None, logprobs: bool,
+                         run: Any = _sample) -> SampleOutput:
     """`sample` over global (multi-process) params: this process's prompts in, its rows out.
 
     Every process must run the same program, so they first agree on the prompt count per
@@ -577,11 +601,10 @@ def _sample_multiprocess(cfg: ModelConfig, params: Params, prompts: Sequence[Seq
     padded = list(prompts) + [filler] * (per_process - len(prompts))
     tokens, lengths = pad_prompts(padded, pad_id, prompt_length or bucket_length(longest))
     _check_context(cfg, longest, max_new_tokens)
-    out = _sample(cfg, params, parallel.host_to_global(tokens, parallel.batch_sharding(mesh, 2)),
-                  parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
-                  num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                  pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
-                  decode_layout=decode_layout, decode_window=decode_window, logprobs=logprobs)
+    out = run(cfg, params, parallel.host_to_global(tokens, parallel.batch_sharding(mesh, 2)),
+              parallel.host_to_global(lengths, parallel.batch_sharding(mesh, 1)), rng, sp=sp,
+              num_samples=num_samples, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+              pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh, logprobs=logprobs)
     rows = len(prompts) * num_samples
     return jax.tree.map(lambda x: parallel.local_rows(x)[:rows], out)
 

@@ -29,7 +29,7 @@ def round_section(model: str, g: int) -> ml_collections.ConfigDict:
     s = SAMPLING.get(model, SAMPLING["smollm2"])
     return ml_collections.ConfigDict(dict(
         task="math", num_rollouts=g, max_new_tokens=1536, synthesis_max_new_tokens=1536,
-        anchor_temperature=0.0, reward_mode="exact", extract_modes=("boxed",),
+        anchor_temperature=0.0, anchor_draft_tokens=0, reward_mode="exact", extract_modes=("boxed",),
         rubric_min_items=5, rubric_retries=2, length_penalty_tokens=0,
         prompt_overflow="truncate",  # prompts over the context: "truncate" (counted) | "reject"
         chat_kwargs={"no_think": True} if model.startswith("qwen3") else {}, **s))

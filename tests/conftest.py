@@ -43,3 +43,15 @@ def server() -> Iterator[FakeServer]:
     s.stop.set()  # wake sleeping handlers
     s.httpd.shutdown()
     s.httpd.server_close()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
+def hf_pair(request, tmp_path_factory):
+    """A tiny random `transformers` model of each family and catjax's load of it (float32)."""
+    from catjax import models
+    from tests.hf_fixtures import make_hf_model
+
+    d = str(tmp_path_factory.mktemp(request.param))
+    model = make_hf_model(request.param, d)
+    cfg, params = models.from_pretrained(d)
+    return model, cfg, params

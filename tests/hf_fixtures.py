@@ -61,3 +61,13 @@ def make_hf_model(family: str, directory: str, seed: int = 0, **overrides):
 def hf_logits(model, tokens) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop: int) -> list[int]:
+    """`transformers`' greedy continuation of `prompt`, the stop token kept, no padding after it."""
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=stop, pad_token_id=0)[0, len(prompt):].tolist()
+    while ref and ref[-1] == 0 and stop in ref:  # transformers pads after eos
+        ref.pop()
+    return ref

@@ -6,21 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from catjax import models, sampling
-from tests.hf_fixtures import make_hf_model
+from tests.hf_fixtures import hf_greedy
 
 PROMPTS = [[5, 17, 33], [7, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13], [250, 3, 99, 98, 12]]
 STOP = 11
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
-def hf_pair(request, tmp_path_factory):
-    d = str(tmp_path_factory.mktemp(request.param))
-    model = make_hf_model(request.param, d)
-    cfg, params = models.from_pretrained(d)
-    return model, cfg, params
 
 
 def test_greedy_matches_transformers_generate(hf_pair):
@@ -30,11 +21,7 @@ def test_greedy_matches_transformers_generate(hf_pair):
                           rng=jax.random.key(0), temperature=0.0, stop_ids=(STOP,), pad_id=0)
     got = sampling.completions(out, strip_stop=False)
     for i, prompt in enumerate(PROMPTS):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
-                                 eos_token_id=STOP, pad_token_id=0)[0, len(prompt):].tolist()
-        while ref and ref[-1] == 0 and STOP in ref:  # transformers pads after eos
-            ref.pop()
+        ref = hf_greedy(model, prompt, n, STOP)
         assert got[2 * i] == ref and got[2 * i + 1] == ref, (i, got[2 * i], ref)
 
 

@@ -438,7 +438,8 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                   q_chunk: int | None = DEFAULT_Q_CHUNK,
                   prefill: bool = False, start: int = 0,
                   kv_only_last: bool = False,
-                  mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+                  mesh: Mesh | None = None,
+                  weights_in_place: bool | None = None) -> tuple[jax.Array, KVCache]:
     """Write the keys/values of `tokens_bt` at slots `positions_bt` and attend over the cache.
 
     Slot s of a row holds the token at position s, so causality is `slot <= position` and stale
@@ -466,7 +467,8 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     device writes the keys/values of its own rows. With an fsdp axis, several tokens per row
     gather each layer's weights over it (`parallel.gathered_over_fsdp`), as `hidden_states`
     does; one token per row (a decode step) leaves the weights in place and splits the hidden
-    states' features over it (`parallel.split_features`).
+    states' features over it (`parallel.split_features`); `weights_in_place=True` does that
+    for a few tokens per row too (a drafted pass, `catjax.drafting`).
     """
     b, t = tokens_bt.shape
     # The key slots attention reads.
@@ -500,7 +502,7 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     # On an fsdp axis: a pass over many tokens per row gathers each layer's weights in turn
     # and keeps the rows split; a decode step (one token per row) keeps the weights in place
     # and splits its hidden states' features instead (`parallel.split_features`).
-    many_tokens = prefill or t > 1
+    many_tokens = (prefill or t > 1) if weights_in_place is None else not weights_in_place
 
     def weights(p):
         return parallel.gathered_over_fsdp(p, layer_axes, mesh) if many_tokens else p
