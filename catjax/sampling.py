@@ -537,7 +537,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
                          f"{temperature}: drafts are checked against the model's argmax")
     run = functools.partial(_sample, decode_layout=decode_layout, decode_window=decode_window)
-    if draft_tokens:
+    if draft_tokens and max_new_tokens > 1:  # one token is the prefill's alone: nothing to check
         run = functools.partial(_sample_drafted, draft_tokens=int(draft_tokens),
                                 unrolled=decode_layout != "scan")
     if jax.process_count() > 1 and (parallel.is_global(params) or (
