@@ -11,6 +11,9 @@ fsdp=-1), its parameters sharded as the trainer shards them (`parallel.param_sha
    prompts of 2048 tokens, 8 rollouts of 512 new tokens each at T 0.7, top-k 20, top-p 0.8.
 3. `--only judge`: the local judge's forward (`scoring._shared_prefix_logits`), 8 prefixes of
    2048 tokens, 32 suffixes of 64.
+4. `--only drafted`: the anchor's greedy synthesis, 4 prompts of 4096 tokens, 1024 new tokens
+   each, plain (`sampling._sample`) and drafted 4 tokens a pass (`drafting.sample_drafted`,
+   whose loop has no constant bound: its collectives are counted once, i.e. per pass).
 For each: XLA's temporaries per chip and the bytes each chip's collectives carry per call:
 every collective's result size times the trip counts of the loops around it (a loop's count
 read off its condition's constant: the decode loop's is its upper bound, every row running to
@@ -106,6 +109,24 @@ def main() -> None:
             sp=sampling.SamplingParams(0.7, 20, 0.8), num_samples=8, max_new_tokens=512,
             stop_ids=(1,), pad_id=0, cache_dtype="bfloat16", mesh=mesh).compile()
         report(f"sampler, {b} prompts of {p} tokens, 8 x 512 new tokens each", compiled, t0)
+    if "drafted" in args.only:
+        from catjax import drafting
+
+        b, p, n = 4, 4096, 1024
+        common = dict(num_samples=1, max_new_tokens=n, stop_ids=(1,), pad_id=0,
+                      cache_dtype="bfloat16", mesh=mesh)
+        t0 = time.perf_counter()
+        compiled = sampling._sample.lower(
+            cfg, params_as(jnp.bfloat16), rows((b, p), jnp.int32), rows((b,), jnp.int32),
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype), sp=sampling.SamplingParams(0.0),
+            logprobs=False, **common).compile()
+        report(f"greedy synthesis, {b} prompts of {p} tokens, {n} new tokens (every step)",
+               compiled, t0)
+        t0 = time.perf_counter()
+        compiled = drafting.sample_drafted.lower(
+            cfg, params_as(jnp.bfloat16), rows((b, p), jnp.int32), rows((b,), jnp.int32),
+            draft_tokens=4, unrolled=sampling.default_decode_layout() != "scan", **common).compile()
+        report("drafted synthesis, the same (one pass of 5 tokens a row)", compiled, t0)
     if "judge" in args.only:
         from catjax import scoring
 

@@ -40,7 +40,7 @@ def ngram_draft(context_rl: jax.Array, length_r: jax.Array, k: int,
     for n in range(1, max_ngram + 1):  # a later (longer) n outranks every shorter one
         key_rn = jnp.take_along_axis(context_rl, jnp.clip(end_r - 1 - jnp.arange(n), 0), axis=1)
         # j: the last token of an earlier occurrence (j + 1 < end: something follows it).
-        ok_rl = (idx_l >= n - 1) & (idx_l + 1 < end_r) & (end_r >= n + 1)
+        ok_rl = (idx_l >= n - 1) & (idx_l + 1 < end_r)
         for i in range(n):  # context[j - i] == key[i]
             ok_rl &= jnp.roll(context_rl, i, axis=1) == key_rn[:, i:i + 1]
         follow_rl = jnp.minimum(end_r - 1 - idx_l, k)
@@ -72,9 +72,12 @@ def sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
     Returns `(SampleOutput, passes)`: the output `sampling.sample(temperature=0)` gives (to
     rounding: a pass over k+1 tokens sums in another order than k+1 passes over one) and the
     number of decoding passes run. `unrolled`: per-layer weights and cache, sliced once
-    before the loop (`decode_layout="unrolled"`), else a scan over the stacked layers."""
+    before the loop (`decode_layout="unrolled"`), else a scan over the stacked layers. The loop
+    runs until every row is done; finished rows ride along, as in the plain sampler."""
     b, p = prompt_bp.shape
     g, n, k = num_samples, max_new_tokens, draft_tokens
+    if k < 1:
+        raise ValueError(f"draft_tokens={k} must be >= 1 here (0: `sampling.sample` without drafts)")
     r = b * g
     # Room for a whole draft past the budget: rejected drafts write slots nobody reads.
     slots = p + n + k
@@ -122,8 +125,12 @@ def sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
         hidden, cache = models.hidden_cached(cfg, layer_params, tokens_rt,
                                              pos_r[:, None] + ahead_k1, cache, q_chunk=None,
                                              mesh=mesh, weights_in_place=True)
+        cache = jax.tree.map(lambda c: cache_on_rows(c, 0 if unrolled else 1), cache)
         head = models.decoder.head_gathered(cfg, head_params, mesh, from_shards=False)
-        logits_rtv = models.logits_from_hidden(cfg, head, hidden)  # float32 [R, k+1, V]
+        # float32 [R, k+1, V]; on a tensor axis pinned vocabulary-split, as the head makes them
+        # (left to GSPMD, the plain sampler gathered the head every step).
+        logits_rtv = parallel.rows_and_vocab_split(models.logits_from_hidden(cfg, head, hidden),
+                                                   mesh)
         choice_rt = sampling.argmax(logits_rtv.reshape(r * (k + 1), -1)).reshape(r, k + 1)
         # Draft token i is the model's own choice when every token before it was.
         agreed = _first_true(draft_rk != choice_rt[:, :k])  # drafts kept, 0..k
@@ -157,6 +164,6 @@ def sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
     passes, _, _, _, _, made, toks, mlps = jax.lax.while_loop(cond, body, state)
     stopped = jnp.isin(jnp.take_along_axis(toks, jnp.maximum(made - 1, 0)[:, None], axis=1)[:, 0],
                        stops) & (made > 0)
-    out = sampling.SampleOutput(toks, made, jnp.zeros_like(mlps) if logprobs else None, mlps, stopped,
-                       prompt_len_r)
+    out = sampling.SampleOutput(toks, made, jnp.zeros_like(mlps) if logprobs else None, mlps,
+                                stopped, prompt_len_r)
     return jax.tree.map(on_rows, out), passes

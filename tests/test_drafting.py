@@ -103,6 +103,21 @@ def test_drafts_cut_the_passes_and_stop_tokens_end_a_row_inside_a_draft():
         np.testing.assert_array_equal(getattr(out, field), getattr(stopped, field))
 
 
+@pytest.mark.parametrize("n", [2, 3, 9])
+def test_short_budgets_and_a_pad_id_that_is_a_stop_id(n):
+    cfg = models.get_preset("tiny_qwen3")
+    params = models.init_params(cfg, jax.random.key(1))
+    # Prompts of unequal lengths, the longest filling its padded width (16).
+    prompts = [list(range(3, 19)), [5, 6, 5, 6, 5], [9]]
+    kw = dict(max_new_tokens=n, rng=jax.random.key(0), temperature=0.0, pad_id=0,
+              stop_ids=(0, STOP), logprobs=True)
+    plain = sampling.sample(cfg, params, prompts, **kw)
+    drafted = sampling.sample(cfg, params, prompts, draft_tokens=5, **kw)
+    for field in ("tokens", "lengths", "stopped"):
+        np.testing.assert_array_equal(getattr(drafted, field), getattr(plain, field))
+    np.testing.assert_allclose(drafted.model_logprobs, plain.model_logprobs, atol=1e-4)
+
+
 def test_bad_draft_settings_name_the_field():
     cfg = models.get_preset("tiny_llama")
     params = models.init_params(cfg, jax.random.key(0))
@@ -130,6 +145,7 @@ MESH = textwrap.dedent("""
     single = sampling.sample(cfg, params, prompts, **kw)
     weights = {tuple(sorted(d for d in s[1:] if d > 1)) for s in jax.tree.leaves(
         models.param_shapes(cfg)["layers"], is_leaf=lambda x: isinstance(x, tuple))}
+    weights.add(tuple(sorted((cfg.hidden_size, cfg.vocab_size))))  # the head
     calls = []
     program = drafting.sample_drafted
     drafting.sample_drafted = lambda *a, **k: calls.append((a, k)) or program(*a, **k)
