@@ -85,15 +85,9 @@ def sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
     def on_rows(x, axis: int = 0):
         return parallel.keep_rows_split(x, mesh, axis)
 
-    def cache_on_rows(c, axis: int = 1):  # [L, rows, kv heads, ...]
-        return parallel.keep_rows_split(c, mesh, axis, heads_axis=axis + 1)
-
-    cache = jax.tree.map(cache_on_rows, models.init_cache(cfg, b, slots, jnp.dtype(cache_dtype)))
-    last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
-                                    chunk=sampling.default_prefill_chunk(), mesh=mesh)
-    logits_rv = on_rows(jnp.repeat(
-        models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g, axis=0))
-    cache = jax.tree.map(lambda c: cache_on_rows(jnp.repeat(c, g, axis=1)), cache)
+    logits_rv, cache = sampling.prefill_rows(cfg, params, prompt_bp, prompt_len_b,
+                                             num_samples=g, num_slots=slots, copy_per_row=True,
+                                             cache_dtype=cache_dtype, mesh=mesh)
     prompt_len_r = jnp.repeat(prompt_len_b, g)
     # Each row's context: its prompt, then its tokens as they are decided.
     context_rl = on_rows(jnp.pad(jnp.repeat(prompt_bp, g, axis=0), ((0, 0), (0, n + k)),
@@ -125,7 +119,7 @@ def sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
         hidden, cache = models.hidden_cached(cfg, layer_params, tokens_rt,
                                              pos_r[:, None] + ahead_k1, cache, q_chunk=None,
                                              mesh=mesh, weights_in_place=True)
-        cache = jax.tree.map(lambda c: cache_on_rows(c, 0 if unrolled else 1), cache)
+        cache = jax.tree.map(lambda c: sampling.cache_split(c, mesh, 0 if unrolled else 1), cache)
         head = models.decoder.head_gathered(cfg, head_params, mesh, from_shards=False)
         # float32 [R, k+1, V]; on a tensor axis pinned vocabulary-split, as the head makes them
         # (left to GSPMD, the plain sampler gathered the head every step).

@@ -318,6 +318,31 @@ _STATIC_ARGNAMES = ("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "p
                     "cache_dtype", "mesh", "decode_layout", "decode_window", "logprobs")
 
 
+def cache_split(c: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
+    """Inside jit: a KV cache array [..., rows, kv heads, ...] kept split by rows (`axis`) and,
+    on a tensor axis, by kv head (`parallel.keep_rows_split`)."""
+    return parallel.keep_rows_split(c, mesh, axis, heads_axis=axis + 1)
+
+
+def prefill_rows(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
+                 *, num_samples: int, num_slots: int, copy_per_row: bool, cache_dtype: str,
+                 mesh: Mesh | None) -> tuple[jax.Array, models.KVCache]:
+    """Inside jit: each prompt [B, P] prefilled once into a cache of `num_slots` slots, and the
+    logits [B * num_samples, V] its rows draw their first token from (the head runs at each
+    prompt's last token only). The cache is per prompt, or with `copy_per_row` one copy per row
+    ([L, B * num_samples, ...])."""
+    cache = jax.tree.map(lambda c: cache_split(c, mesh, 1), models.init_cache(
+        cfg, prompt_bp.shape[0], num_slots, jnp.dtype(cache_dtype)))
+    last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
+                                    chunk=default_prefill_chunk(), mesh=mesh)
+    logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0],
+                           num_samples, axis=0)
+    if copy_per_row:
+        cache = jax.tree.map(lambda c: cache_split(jnp.repeat(c, num_samples, axis=1), mesh, 1),
+                             cache)
+    return parallel.keep_rows_split(logits_rv, mesh), cache
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC_ARGNAMES)
 def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b: jax.Array,
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
@@ -331,25 +356,18 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     def on_batch(x, axis: int = 0):
         return parallel.keep_rows_split(x, mesh, axis)
 
-    def cache_on_batch(c, axis: int = 0):  # [..., rows, kv heads, ...]
-        return parallel.keep_rows_split(c, mesh, axis, heads_axis=axis + 1)
+    def cache_on_batch(c, axis: int = 0):
+        return cache_split(c, mesh, axis)
 
-    # Prefill once per prompt; logits only at each prompt's last token. Rows or weights first,
-    # the prompt's keys/values stay once per prompt (`models.SharedPromptCache`); otherwise
-    # every row gets a copy with room for its N tokens.
+    # Rows or weights first, the prompt's keys/values stay once per prompt
+    # (`models.SharedPromptCache`); otherwise every row gets a copy with room for its N tokens.
     shared = decode_layout in _SHARED_PROMPT_LAYOUTS
-    cache = jax.tree.map(lambda c: cache_on_batch(c, 1), models.init_cache(
-        cfg, b, p if shared else p + n, jnp.dtype(cache_dtype)))
-    last_bd, cache = models.prefill(cfg, params, prompt_bp, prompt_len_b, cache,
-                                    chunk=default_prefill_chunk(), mesh=mesh)
-    logits_rv = jnp.repeat(models.logits_from_hidden(cfg, params, last_bd[:, None])[:, 0], g,
-                           axis=0)
+    logits_rv, cache = prefill_rows(cfg, params, prompt_bp, prompt_len_b, num_samples=g,
+                                    num_slots=p if shared else p + n, copy_per_row=not shared,
+                                    cache_dtype=cache_dtype, mesh=mesh)
     if shared:
         cache = jax.tree.map(cache_on_batch, models.init_shared_cache(
             cfg, cache, prompt_len_b, g, n, window=decode_window))
-    else:
-        cache = jax.tree.map(lambda c: cache_on_batch(jnp.repeat(c, g, axis=1), 1), cache)
-    logits_rv = on_batch(logits_rv)
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     # Per-layer weights and cache, sliced (and, weights first, transposed) once here, not in
