@@ -6,7 +6,9 @@
    bandwidth. The unrolled layer loops of `sampling.DECODE_LAYOUTS` are timed (per-row cache;
    shared prompt, rows or weights first), then the windows of the generated cache, cuBLAS for
    the GEMMs and the sampling settings; greedy calls with and without windows are profiled
-   kernel by kernel; at 1024 new tokens, one loop against windows.
+   kernel by kernel; at 1024 new tokens, one loop against windows. The unrolled layout with its
+   attention one Pallas kernel a layer (`decode_attention="pallas"`, live slots only) against
+   XLA's ops, and that attention alone by block size.
 3. What one draw costs at 64 x 152k logits (GPU time, 50 calls in one jit): top-k and the
    nucleus cut from one `lax.top_k` (a sort on GPUs) against the best blocks first
    (`sampling._top_k`), the threshold search, and each sampling setting.
@@ -115,15 +117,18 @@ class Bench:
         print(f"model: {models.param_count(self.params) / 1e9:.3f}B params, "
               f"{self.nbytes / 2**30:.2f} GiB, vocabulary {self.cfg.vocab_size}", flush=True)
 
-    def _decode(self, name, layout, sp=(0.7, 0, 0.95), window=None, options=None, n=None):
+    def _decode(self, name, layout, sp=(0.7, 0, 0.95), window=None, options=None, n=None,
+                attention="xla"):
         """Time one sampler call of 8 prompts x G rows x N tokens; `options`: XLA compiler
-        options for this one program (compiled apart, through `_sample.lower`)."""
+        options for this one program (compiled apart, through `_sample.lower`); `attention`:
+        `sample(decode_attention=)`."""
         cfg, g, n = self.cfg, ROWS_PER_PROMPT, n or self.args.new_tokens
         window = sampling.default_decode_window(layout) if window is None else window
         toks, lens = (jnp.asarray(x) for x in sampling.pad_prompts(self.prompts, 0))
         static = dict(sp=sampling.SamplingParams(*sp), num_samples=g, max_new_tokens=n,
                       stop_ids=(), pad_id=0, cache_dtype="bfloat16", mesh=None,
-                      decode_layout=layout, decode_window=window, logprobs=False)
+                      decode_layout=layout, decode_window=window, logprobs=False,
+                      decode_attention=attention)
         key = jax.random.key(1)
         t0 = time.perf_counter()
         compiled = sampling._sample.lower(cfg, self.params, toks, lens, key, **static).compile(
@@ -146,6 +151,7 @@ class Bench:
         roof_shared_s = (self.nbytes + live_shared) / self.read_bw
         step = t / n
         row = dict(layout=layout, window=window, sampling=sp, options=options, rows=r,
+                   attention=attention,
                    new_tokens=n, tok_s=r * n / t, step_ms=step * 1e3,
                    roofline_step_ms=roof_s * 1e3, frac_of_roofline=roof_s / step,
                    roofline_shared_step_ms=roof_shared_s * 1e3,
@@ -166,6 +172,85 @@ class Bench:
                  if f"decode_{k}" in self.rows]
         self.best = min(timed, key=lambda k: self.rows[f"decode_{k}"]["step_ms"])
         print(f"faster layer loop for decode: {self.best}", flush=True)
+
+    def decode_kernel(self):
+        """The unrolled layout with each layer's attention one Pallas (Triton) kernel that reads
+        only the live slots (`sample(decode_attention="pallas")`) against XLA's ops in the same
+        run, and whether greedy tokens agree; then one layer's attention alone (`_attention_alone`)
+        for the kernel's block sizes, warps, stages and splits, which set its defaults."""
+        greedy, qwen = (0.0, 0, 1.0), (0.7, 20, 0.8)
+        self._try("decode_unrolled_pallas", "unrolled", attention="pallas")
+        self._try("decode_unrolled_greedy", "unrolled", sp=greedy)
+        self._try("decode_unrolled_pallas_greedy", "unrolled", sp=greedy, attention="pallas")
+        pair = [self.calls.get(k) for k in ("decode_unrolled_greedy", "decode_unrolled_pallas_greedy")]
+        if all(pair):
+            a, b = (np.asarray(c()) for c in pair)
+            same = float(np.mean(np.all(a == b, axis=1)))
+            first = [int(np.argmax(x != y)) for x, y in zip(a, b, strict=True) if np.any(x != y)]
+            self.rows["pallas_greedy_agreement"] = dict(rows_identical=same, first_diffs=first[:8])
+            print(f"greedy tokens, Pallas attention against XLA's: {same:.0%} of rows identical"
+                  + (f"; first differences at steps {first[:8]}" if first else ""), flush=True)
+        long = 2 * self.args.new_tokens if self.args.tiny else 1024  # interpreted on a CPU: short
+        self._try("decode_long_unrolled_pallas", "unrolled", sp=qwen, n=long, attention="pallas")
+        n, g = self.args.new_tokens, ROWS_PER_PROMPT
+        p = int(sampling.pad_prompts(self.prompts, 0)[0].shape[1])
+        # Block size, warps, stages, splits (None: the rule).
+        decode = [(bk, w, 2, None) for bk in (32, 64, 128) for w in (4, 8)]
+        decode += [(64, 4, 1, None), (64, 4, 3, None), (64, 4, 2, 2)]
+        self._attention_alone("attention_one_layer", len(self.prompts) * g, p + n, p + n // 2, decode)
+        syn = 8 * n + 150  # a 4-question synthesis midway: few rows, many slots, splits matter
+        self._attention_alone("attention_one_layer_synthesis", 4, syn + n, syn + n // 2,
+                              [(64, 4, 2, None), (128, 4, 2, None), (64, 4, 2, 4), (64, 4, 2, 1)])
+
+    def _attention_alone(self, name, b, slots, live, cases):
+        """One layer's decode attention, [b] rows with `live` of `slots` slots: XLA's ops
+        (`decoder._attend`) against each kernel setting, GPU time per call from 50 calls
+        unrolled in one program, and each setting's largest difference from XLA's output."""
+        from catjax.models import decode_kernel, decoder
+
+        cfg = self.cfg
+        kv, h, rep = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        rng = np.random.default_rng(0)
+        q = jnp.asarray(rng.normal(size=(b, kv, rep, h)), jnp.bfloat16)
+        k, v = (jnp.asarray(rng.normal(size=(b, kv, slots, h)), jnp.bfloat16) for _ in range(2))
+        start, end = jnp.zeros(b, jnp.int32), jnp.full(b, live, jnp.int32)
+        mask = jnp.arange(slots)[None, None] < live  # [1, 1, S]: every row at `live`
+
+        def xla(q, k, v, start, end):
+            out = decoder._attend(cfg, q.reshape(b, 1, kv * rep, h), k, v, mask)
+            return out.reshape(b, kv, rep, h).astype(jnp.float32)
+
+        args = (q, k, v, start, end)  # arguments, not constants baked into the programs
+
+        def us_per_call(fn, calls=4 if self.args.tiny else 50):  # interpreted on a CPU: few
+            def loop(q, *rest):
+                def body(i, acc):  # a new query each call: nothing to hoist out of the loop
+                    out = fn(jnp.where(i % 2 == 0, q, -q), *rest)
+                    return acc + out[0, 0, 0, 0]
+                return jax.lax.fori_loop(0, calls, body, jnp.float32(0), unroll=True)
+            looped = jax.jit(loop)
+            return timeit(lambda: looped(*args), 5) / calls * 1e6
+
+        ref = jax.jit(xla)(*args)
+        out = {"xla_us": us_per_call(xla)}
+        for bk, warps, stages, splits in cases:
+            def fn(q, k, v, start, end, bk=bk, w=warps, st=stages, sp=splits):
+                return decode_kernel.decode_attention(q, k, v, start, end, scale=cfg.attn_scale,
+                                                      block_k=bk, num_warps=w, num_stages=st,
+                                                      splits=sp)
+            key = f"pallas_block{bk}_warps{warps}_stages{stages}_splits{splits or 'rule'}"
+            try:
+                out[key + "_maxdiff"] = float(jnp.max(jnp.abs(jax.jit(fn)(*args) - ref)))
+                out[key + "_us"] = us_per_call(fn)
+            except Exception as e:  # one setting failing to compile must not lose the others
+                out[key + "_error"] = f"{type(e).__name__}: {e}"[:200]
+        nbytes = 2 * b * kv * live * h * 2  # keys and values a layer must read
+        self.rows[name] = dict(out, live_bytes=nbytes, rows=b, slots=slots, live=live,
+                               rule_splits=decode_kernel.num_splits(b, kv, slots))
+        print(f"{name}: {b} rows at {live} of {slots} slots ({nbytes / 2**20:.1f} MiB live), us a "
+              f"call [max |diff| from XLA's]: xla {out['xla_us']:.1f}; " + ", ".join(
+                  f"{k[7:-3]} {t:.1f} [{out.get(k[:-3] + '_maxdiff', float('nan')):.1e}]"
+                  for k, t in out.items() if k.startswith("pallas") and k.endswith("_us")), flush=True)
 
     def decode_variants(self):
         """The windows of a shared-prompt layout (0: one loop over all slots); on the faster
@@ -236,10 +321,12 @@ class Bench:
               ", ".join(f"{k[:-3]} {v:.0f}" for k, v in out.items()), flush=True)
 
     def profile(self):
-        """Greedy calls of the faster layout with and without windows (or the first call timed),
+        """Greedy calls of the faster layout with and without windows, and of the Pallas attention
+        (or the first call timed),
         traced; device time summed by kernel."""
         from jax.profiler import ProfileData
-        names = [k for k in ("decode_greedy", "decode_greedy_window0") if k in self.calls]
+        names = [k for k in ("decode_greedy", "decode_greedy_window0",
+                             "decode_unrolled_pallas_greedy") if k in self.calls]
         report = {}
         for name in names or [f"decode_{self.best}"]:
             d = tempfile.mkdtemp()
@@ -317,6 +404,14 @@ class Bench:
                 drafted_s=t_dr, drafted_passes=passes, drafted_vs_rollout=t_dr / t_roll)
             print(f"  drafted (4 a pass): {t_dr:.3f} s in {passes} passes for {n} tokens = "
                   f"{t_dr / t_roll:.2f}x one more rollout", flush=True)
+            # The Pallas attention (4 rows x 8 kv heads: its splits fill the GPU).
+            t_k = timeit(lambda syn=syn: sampling.sample(
+                cfg, self.params, syn, max_new_tokens=n, stop_ids=(), rng=jax.random.key(2),
+                temperature=0.0, logprobs=False, decode_layout="unrolled",
+                decode_attention="pallas").tokens, 3)
+            self.rows[f"synthesis_{questions}q"].update(pallas_s=t_k, pallas_vs_rollout=t_k / t_roll)
+            print(f"  unrolled with the Pallas attention: {t_k:.3f} s = {t_k / t_roll:.2f}x one "
+                  f"more rollout", flush=True)
 
     # --- 5 -------------------------------------------------------------------------------------
     def train(self):
@@ -397,9 +492,22 @@ class Bench:
         for k in ("synthesis_4q", "synthesis_32q"):
             if k in r:
                 print(f"| {k} vs one more rollout | {r[k]['synthesis_vs_rollout']:.2f}x |")
+                if "pallas_vs_rollout" in r[k]:
+                    print(f"| {k} with the Pallas attention vs one more rollout | "
+                          f"{r[k]['pallas_vs_rollout']:.2f}x |")
                 if "drafted_vs_rollout" in r[k]:
                     print(f"| {k} drafted ({r[k]['drafted_passes']} passes) vs one more rollout | "
                           f"{r[k]['drafted_vs_rollout']:.2f}x |")
+        if "pallas_greedy_agreement" in r:
+            print(f"| greedy rows identical, Pallas vs XLA attention | "
+                  f"{r['pallas_greedy_agreement']['rows_identical']:.0%} |")
+        for name in ("attention_one_layer", "attention_one_layer_synthesis"):
+            a = r.get(name, {})
+            timed = [k for k in a if k.startswith("pallas") and k.endswith("_us")]
+            if timed:
+                best = min(timed, key=a.get)
+                print(f"| {name}: XLA / best kernel ({best[7:-3]}) | {a['xla_us']:.1f} / "
+                      f"{a[best]:.1f} us a call |")
         if "train" in r:
             print(f"| train MFU | {r['train']['mfu']:.1%} |")
         if "vs_transformers" in r:
@@ -422,6 +530,7 @@ def main() -> None:
     b.run("decode_layouts", 0, b.decode_layouts)
     if not hasattr(b, "best"):
         b.best = "unrolled"
+    b.run("decode_kernel", 150, b.decode_kernel)
     b.run("decode_variants", 100, b.decode_variants)
     b.run("decode_long", 120, b.decode_long)
     b.run("draw_costs", 30, b.draw_costs)

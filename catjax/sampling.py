@@ -315,7 +315,8 @@ def _take(x_bv: jax.Array, idx_b: jax.Array) -> jax.Array:
 # --- the jitted sampler ----------------------------------------------------------------------
 
 _STATIC_ARGNAMES = ("cfg", "sp", "num_samples", "max_new_tokens", "stop_ids", "pad_id",
-                    "cache_dtype", "mesh", "decode_layout", "decode_window", "logprobs")
+                    "cache_dtype", "mesh", "decode_layout", "decode_window", "logprobs",
+                    "decode_attention")
 
 
 def cache_split(c: jax.Array, mesh: Mesh | None, axis: int = 0) -> jax.Array:
@@ -348,7 +349,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             rng: jax.Array, *, sp: SamplingParams, num_samples: int, max_new_tokens: int,
             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: str,
             mesh: jax.sharding.Mesh | None, decode_layout: str = "scan",
-            decode_window: int | None = None, logprobs: bool = True) -> SampleOutput:
+            decode_window: int | None = None, logprobs: bool = True,
+            decode_attention: str = "xla") -> SampleOutput:
     b, p = prompt_bp.shape
     g, n = num_samples, max_new_tokens
     r = b * g
@@ -408,7 +410,8 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
             # Every row writes generated token `step` at slot prompt_len + step (< P + N);
             # finished rows write pad tokens that nothing reads.
             hidden, cache = models.hidden_cached(cfg, layer_params, tok[:, None],
-                                                 (pos_r + step)[:, None], cache, mesh=mesh)
+                                                 (pos_r + step)[:, None], cache, mesh=mesh,
+                                                 decode_attention=decode_attention)
         axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
         cache = jax.tree.map(lambda c: cache_on_batch(c, axis), cache)
         head = models.decoder.head_gathered(cfg, head_params, mesh, from_shards=False)
@@ -449,6 +452,7 @@ def _sample_drafted(cfg: ModelConfig, params: Params, prompt_bp: jax.Array,
 
 
 DECODE_LAYOUTS = ("scan", "unrolled", "rows_first", "weights_first")
+DECODE_ATTENTIONS = ("xla", "pallas")
 
 
 _SHARED_PROMPT_LAYOUTS = ("rows_first", "weights_first")
@@ -475,6 +479,13 @@ def default_decode_window(decode_layout: str) -> int:
     return 128
 
 
+def default_decode_attention() -> str:
+    """"xla" everywhere for now. "pallas" (`models.decode_kernel`, a Triton kernel that reads
+    only each row's live slots) is for GPUs; it waits for `bench/gpu.sh` to time it against
+    XLA's ops before it becomes their default."""
+    return "xla"
+
+
 def default_prefill_chunk() -> int:
     """Prompt positions per prefill chunk (`models.prefill`). 128 on CPUs: smaller chunks skip
     more of the causal triangle and of a bucket's padding, and keep each chunk's scores in cache
@@ -496,7 +507,8 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
            stop_ids: Sequence[int] = (), pad_id: int = 0, cache_dtype: Any = None,
            prompt_length: int | None = None, mesh: jax.sharding.Mesh | None = None,
            decode_layout: str | None = None, decode_window: int | None = None,
-           logprobs: bool = True, draft_tokens: int = 0) -> SampleOutput:
+           logprobs: bool = True, draft_tokens: int = 0,
+           decode_attention: str | None = None) -> SampleOutput:
     """Sample `num_samples` continuations of each prompt (ragged lists of token ids).
 
     `prompt_length` fixes the padded prompt width (default: the next bucket), so that callers
@@ -513,6 +525,11 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     in blocks that double from this size, one loop each, and a step attends only the blocks up
     to its own, not all the loop will fill (0: one block; default `default_decode_window`). All
     give the same samples.
+
+    `decode_attention`: how a decode step of the "unrolled" layout attends: "xla" (its ops,
+    over every slot) or "pallas" (`models.decode_kernel`: one Triton kernel a layer that reads
+    only each row's live slots; GPUs, or interpreted on CPUs for tests). Default:
+    `default_decode_attention()`. The samples are the same up to float rounding.
 
     `logprobs`: also return each token's log-prob under the sampling law and the plain model
     (`SampleOutput.logprobs`, `.model_logprobs`); False: None, and a cheaper step (the plain
@@ -548,13 +565,28 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if decode_window and decode_layout not in _SHARED_PROMPT_LAYOUTS:
         raise ValueError(f"decode_window={decode_window}: windows need decode_layout in "
                          f"{_SHARED_PROMPT_LAYOUTS}, not {decode_layout!r}")
+    decode_attention = decode_attention or default_decode_attention()
+    if decode_attention not in DECODE_ATTENTIONS:
+        raise ValueError(f"decode_attention={decode_attention!r}: expected one of "
+                         f"{DECODE_ATTENTIONS}")
+    if decode_attention == "pallas":
+        if decode_layout != "unrolled":
+            raise ValueError(f"decode_attention='pallas' runs in decode_layout='unrolled' (the "
+                             f"per-row cache, a layer at a time), not {decode_layout!r}")
+        if draft_tokens:
+            raise ValueError(f"decode_attention='pallas' attends one token a row; "
+                             f"draft_tokens={draft_tokens} checks several: use 'xla'")
+        from catjax.models import decode_kernel
+
+        decode_kernel.check(cfg.head_dim)
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int | np.integer) \
             or draft_tokens < 0:
         raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0 (0: no drafts)")
     if draft_tokens and temperature != 0:
         raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
                          f"{temperature}: drafts are checked against the model's argmax")
-    run = functools.partial(_sample, decode_layout=decode_layout, decode_window=decode_window)
+    run = functools.partial(_sample, decode_layout=decode_layout, decode_window=decode_window,
+                            decode_attention=decode_attention)
     if draft_tokens and max_new_tokens > 1:  # one token is the prefill's alone: nothing to check
         run = functools.partial(_sample_drafted, draft_tokens=int(draft_tokens),
                                 unrolled=decode_layout != "scan")

@@ -281,6 +281,19 @@ def _attend_chunked(cfg: ModelConfig, q_btnh, k_bksh, v_bksh, q_pos_bt, k_pos_bs
     return out.swapaxes(0, 1).reshape(b, nc * c, n, h)[:, :t]
 
 
+def _attend_kernel(cfg: ModelConfig, q_b1nh, k_bksh, v_bksh, pos_b, start_b, mesh) -> jax.Array:
+    """`_attend` of one query a row over slots [start_b, pos_b] by `decode_kernel`."""
+    from catjax.models import decode_kernel  # Pallas, imported where a program asks for it
+
+    b, _, n, h = q_b1nh.shape
+    kv = k_bksh.shape[1]
+    out = decode_kernel.decode_attention_sharded(
+        q_b1nh.reshape(b, kv, n // kv, h), k_bksh, v_bksh,
+        jnp.broadcast_to(start_b, pos_b.shape), pos_b + 1, mesh,
+        scale=cfg.attn_scale, softcap=cfg.attn_logit_softcap or 0.0)
+    return out.reshape(b, 1, n, h).astype(q_b1nh.dtype)
+
+
 def _mlp(cfg: ModelConfig, p: Params, x_btd: jax.Array) -> jax.Array:
     return gated_mlp(cfg.activation, x_btd, p["gate"], p["up"], p["down"])
 
@@ -439,7 +452,8 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                   prefill: bool = False, start: int = 0,
                   kv_only_last: bool = False,
                   mesh: Mesh | None = None,
-                  weights_in_place: bool | None = None) -> tuple[jax.Array, KVCache]:
+                  weights_in_place: bool | None = None,
+                  decode_attention: str = "xla") -> tuple[jax.Array, KVCache]:
     """Write the keys/values of `tokens_bt` at slots `positions_bt` and attend over the cache.
 
     Slot s of a row holds the token at position s, so causality is `slot <= position` and stale
@@ -469,6 +483,9 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     does; one token per row (a decode step) leaves the weights in place and splits the hidden
     states' features over it (`parallel.split_features`); `weights_in_place=True` does that
     for a few tokens per row too (a drafted pass, `catjax.drafting`).
+
+    `decode_attention="pallas"`: one token per row attends through `models.decode_kernel` (a
+    Triton kernel that reads only each row's live slots) instead of XLA's ops over every slot.
     """
     b, t = tokens_bt.shape
     # The key slots attention reads.
@@ -477,7 +494,14 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
     rope_g, rope_l = _rope_tables(cfg, positions_bt)
     slot_pos_bs = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     all_valid = jnp.ones((b, s), bool)
-    if not chunked:  # decode steps and short prompts: masks built once for all layers
+    kernel = decode_attention == "pallas"
+    if kernel and (t != 1 or prefill):
+        raise ValueError(f"decode_attention='pallas' serves decode steps (one token a row), "
+                         f"not {t} tokens{' of a prefill' if prefill else ''}")
+    if kernel:  # the slots each row attends: [start, position]
+        pos_b = positions_bt[:, 0]
+        start_local_b = jnp.maximum(pos_b - cfg.sliding_window + 1, 0) if cfg.sliding_window else 0
+    elif not chunked:  # decode steps and short prompts: masks built once for all layers
         masks = (_attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, False),
                  _attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, True))
 
@@ -526,6 +550,9 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
 
         def attend(q, k, v):
             new["k"], new["v"] = write(ck, i, k), write(cv, i, v)
+            if kernel:
+                return _attend_kernel(cfg, q, new["k"][i], new["v"][i], pos_b,
+                                      jnp.where(sliding, start_local_b, 0), mesh)
             k_all, v_all = new["k"][i].astype(q.dtype), new["v"][i].astype(q.dtype)
             if s < k_all.shape[2]:
                 k_all, v_all = k_all[:, :, :s], v_all[:, :, :s]
