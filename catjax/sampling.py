@@ -479,10 +479,11 @@ def default_decode_window(decode_layout: str) -> int:
     return 128
 
 
-def default_decode_attention() -> str:
-    """"xla" everywhere for now. "pallas" (`models.decode_kernel`, a Triton kernel that reads
-    only each row's live slots) is for GPUs; it waits for `bench/gpu.sh` to time it against
-    XLA's ops before it becomes their default."""
+def default_decode_attention(decode_layout: str) -> str:
+    """How `decode_layout`'s steps attend by default: "xla" everywhere for now. "pallas"
+    (`models.decode_kernel`, a Triton kernel that reads only each row's live slots) serves the
+    "unrolled" layout on GPUs; it waits for `bench/gpu.sh` to time it against XLA's ops before
+    it becomes a default there."""
     return "xla"
 
 
@@ -529,7 +530,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     `decode_attention`: how a decode step of the "unrolled" layout attends: "xla" (its ops,
     over every slot) or "pallas" (`models.decode_kernel`: one Triton kernel a layer that reads
     only each row's live slots; GPUs, or interpreted on CPUs for tests). Default:
-    `default_decode_attention()`. The samples are the same up to float rounding.
+    `default_decode_attention(decode_layout)`. The samples are the same up to float rounding.
 
     `logprobs`: also return each token's log-prob under the sampling law and the plain model
     (`SampleOutput.logprobs`, `.model_logprobs`); False: None, and a cheaper step (the plain
@@ -565,7 +566,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if decode_window and decode_layout not in _SHARED_PROMPT_LAYOUTS:
         raise ValueError(f"decode_window={decode_window}: windows need decode_layout in "
                          f"{_SHARED_PROMPT_LAYOUTS}, not {decode_layout!r}")
-    decode_attention = decode_attention or default_decode_attention()
+    decode_attention = decode_attention or default_decode_attention(decode_layout)
     if decode_attention not in DECODE_ATTENTIONS:
         raise ValueError(f"decode_attention={decode_attention!r}: expected one of "
                          f"{DECODE_ATTENTIONS}")

@@ -112,7 +112,7 @@ def test_bad_kernel_settings_are_one_line_errors():
                              jnp.arange(2)[None], cache, decode_attention="pallas")
     with pytest.raises(ValueError, match="Triton kernel for GPUs; TPUs run 'xla'"):
         decode_kernel.check(128, backend="tpu")
-    assert sampling.default_decode_attention() == "xla"
+    assert all(sampling.default_decode_attention(k) == "xla" for k in sampling.DECODE_LAYOUTS)
 
 
 MESH = r"""
