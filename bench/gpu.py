@@ -365,11 +365,13 @@ class Bench:
         return out
 
     # --- 4 -------------------------------------------------------------------------------------
-    def _one(self, prompts, temperature):
+    def _one(self, prompts, temperature, **kw):
+        """One N-token row per prompt, in the faster layout unless `kw` says otherwise."""
+        kw = dict(dict(decode_layout=self.best), **kw)
         return sampling.sample(self.cfg, self.params, prompts, num_samples=1,
                                max_new_tokens=self.args.new_tokens, stop_ids=(),
-                               rng=jax.random.key(2), temperature=temperature,
-                               decode_layout=self.best, logprobs=False).tokens
+                               rng=jax.random.key(2), temperature=temperature, logprobs=False,
+                               **kw).tokens
 
     def synthesis(self):
         """Per question: the anchor reads G x N rollout tokens (plus ~150 of instructions) and
@@ -397,18 +399,15 @@ class Bench:
                       cache_dtype=sampling.default_cache_dtype(cfg), mesh=None, unrolled=True)
             passes = int(drafting.sample_drafted(cfg, self.params, jnp.asarray(tokens),
                                                  jnp.asarray(lengths), **kw)[1])
-            t_dr = timeit(lambda syn=syn: sampling.sample(
-                cfg, self.params, syn, max_new_tokens=n, stop_ids=(), rng=jax.random.key(2),
-                temperature=0.0, logprobs=False, draft_tokens=4, decode_layout="unrolled").tokens, 3)
+            t_dr = timeit(lambda syn=syn: self._one(syn, 0.0, draft_tokens=4,
+                                                    decode_layout="unrolled"), 3)
             self.rows[f"synthesis_{questions}q"].update(
                 drafted_s=t_dr, drafted_passes=passes, drafted_vs_rollout=t_dr / t_roll)
             print(f"  drafted (4 a pass): {t_dr:.3f} s in {passes} passes for {n} tokens = "
                   f"{t_dr / t_roll:.2f}x one more rollout", flush=True)
             # The Pallas attention (4 rows x 8 kv heads: its splits fill the GPU).
-            t_k = timeit(lambda syn=syn: sampling.sample(
-                cfg, self.params, syn, max_new_tokens=n, stop_ids=(), rng=jax.random.key(2),
-                temperature=0.0, logprobs=False, decode_layout="unrolled",
-                decode_attention="pallas").tokens, 3)
+            t_k = timeit(lambda syn=syn: self._one(syn, 0.0, decode_layout="unrolled",
+                                                   decode_attention="pallas"), 3)
             self.rows[f"synthesis_{questions}q"].update(pallas_s=t_k, pallas_vs_rollout=t_k / t_roll)
             print(f"  unrolled with the Pallas attention: {t_k:.3f} s = {t_k / t_roll:.2f}x one "
                   f"more rollout", flush=True)

@@ -42,8 +42,8 @@ from catjax.cat.local_judge import LocalJudge  # noqa: E402
 from catjax.datasets.records import Example  # noqa: E402
 from catjax.rl import trainer  # noqa: E402
 
-# Seconds JAX spent tracing, lowering and compiling, so far (a listener on its own events).
 DRAFT = 4  # tokens drafted per pass in the drafted synthesis (`sampling.sample(draft_tokens=)`)
+# Seconds JAX spent tracing, lowering and compiling, so far (a listener on its own events).
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")

@@ -358,9 +358,6 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
     def on_batch(x, axis: int = 0):
         return parallel.keep_rows_split(x, mesh, axis)
 
-    def cache_on_batch(c, axis: int = 0):
-        return cache_split(c, mesh, axis)
-
     # Rows or weights first, the prompt's keys/values stay once per prompt
     # (`models.SharedPromptCache`); otherwise every row gets a copy with room for its N tokens.
     shared = decode_layout in _SHARED_PROMPT_LAYOUTS
@@ -368,7 +365,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
                                     num_slots=p if shared else p + n, copy_per_row=not shared,
                                     cache_dtype=cache_dtype, mesh=mesh)
     if shared:
-        cache = jax.tree.map(cache_on_batch, models.init_shared_cache(
+        cache = jax.tree.map(lambda c: cache_split(c, mesh), models.init_shared_cache(
             cfg, cache, prompt_len_b, g, n, window=decode_window))
     pos_r = jnp.repeat(prompt_len_b, g)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
@@ -413,7 +410,7 @@ def _sample(cfg: ModelConfig, params: Params, prompt_bp: jax.Array, prompt_len_b
                                                  (pos_r + step)[:, None], cache, mesh=mesh,
                                                  decode_attention=decode_attention)
         axis = 1 if decode_layout == "scan" else 0  # the batch axis of [L,] B, K, S, H
-        cache = jax.tree.map(lambda c: cache_on_batch(c, axis), cache)
+        cache = jax.tree.map(lambda c: cache_split(c, mesh, axis), cache)
         head = models.decoder.head_gathered(cfg, head_params, mesh, from_shards=False)
         logits = models.logits_from_hidden(cfg, head, hidden)[:, 0]
         logits = on_batch(parallel.rows_and_vocab_split(logits, mesh))
@@ -566,6 +563,12 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if decode_window and decode_layout not in _SHARED_PROMPT_LAYOUTS:
         raise ValueError(f"decode_window={decode_window}: windows need decode_layout in "
                          f"{_SHARED_PROMPT_LAYOUTS}, not {decode_layout!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int | np.integer) \
+            or draft_tokens < 0:
+        raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0 (0: no drafts)")
+    if draft_tokens and temperature != 0:
+        raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
+                         f"{temperature}: drafts are checked against the model's argmax")
     decode_attention = decode_attention or default_decode_attention(decode_layout)
     if decode_attention not in DECODE_ATTENTIONS:
         raise ValueError(f"decode_attention={decode_attention!r}: expected one of "
@@ -580,12 +583,6 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
         from catjax.models import decode_kernel
 
         decode_kernel.check(cfg.head_dim)
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int | np.integer) \
-            or draft_tokens < 0:
-        raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 0 (0: no drafts)")
-    if draft_tokens and temperature != 0:
-        raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
-                         f"{temperature}: drafts are checked against the model's argmax")
     run = functools.partial(_sample, decode_layout=decode_layout, decode_window=decode_window,
                             decode_attention=decode_attention)
     if draft_tokens and max_new_tokens > 1:  # one token is the prefill's alone: nothing to check

@@ -48,12 +48,8 @@ def _pow2_at_least(n: int) -> int:
 def num_splits(rows: int, kv_heads: int, slots: int, block_k: int = BLOCK_K) -> int:
     """Splits per (row, kv head): a power of two, enough programs to fill the GPU, and never
     more than the cache has blocks."""
-    want = max(1, TARGET_PROGRAMS // max(rows * kv_heads, 1))
-    most = max(1, slots // block_k)
-    s = 1
-    while s * 2 <= min(want, most):
-        s *= 2
-    return s
+    cap = min(TARGET_PROGRAMS // max(rows * kv_heads, 1), slots // block_k)
+    return 1 << max(cap.bit_length() - 1, 0)  # the largest power of two <= cap, at least 1
 
 
 def _kernel(start_ref, end_ref, q_ref, k_ref, v_ref, out_ref, *stats_refs, scale: float,

@@ -288,8 +288,7 @@ def _attend_kernel(cfg: ModelConfig, q_b1nh, k_bksh, v_bksh, pos_b, start_b, mes
     b, _, n, h = q_b1nh.shape
     kv = k_bksh.shape[1]
     out = decode_kernel.decode_attention_sharded(
-        q_b1nh.reshape(b, kv, n // kv, h), k_bksh, v_bksh,
-        jnp.broadcast_to(start_b, pos_b.shape), pos_b + 1, mesh,
+        q_b1nh.reshape(b, kv, n // kv, h), k_bksh, v_bksh, start_b, pos_b + 1, mesh,
         scale=cfg.attn_scale, softcap=cfg.attn_logit_softcap or 0.0)
     return out.reshape(b, 1, n, h).astype(q_b1nh.dtype)
 
@@ -500,7 +499,8 @@ def hidden_cached(cfg: ModelConfig, params: Params, tokens_bt: jax.Array,
                          f"not {t} tokens{' of a prefill' if prefill else ''}")
     if kernel:  # the slots each row attends: [start, position]
         pos_b = positions_bt[:, 0]
-        start_local_b = jnp.maximum(pos_b - cfg.sliding_window + 1, 0) if cfg.sliding_window else 0
+        start_local_b = (jnp.maximum(pos_b - cfg.sliding_window + 1, 0) if cfg.sliding_window
+                         else jnp.zeros_like(pos_b))
     elif not chunked:  # decode steps and short prompts: masks built once for all layers
         masks = (_attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, False),
                  _attention_mask(cfg, positions_bt, slot_pos_bs, all_valid, True))
