@@ -458,11 +458,12 @@ _SHARED_PROMPT_LAYOUTS = ("rows_first", "weights_first")
 def default_decode_layout() -> str:
     """How the decode loop runs the layers, by backend, each where it was measured fastest:
     CPUs "weights_first" (`models.decode`: the layers unrolled, weights as the left matmul
-    operand), GPUs "rows_first" (the same, h @ W; with its windows 4% faster than "unrolled" at
-    1024 new tokens on an H200, level at 256, bench/RESULTS.md), TPUs "scan", whose fusions take
-    the layer slice into the matmul (not measured here) and where HBM for a second copy of the
-    weights is scarcer."""
-    return {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "rows_first")
+    operand), GPUs "unrolled" (per-row cache, one layer at a time, with the Pallas attention of
+    `default_decode_attention`: 8% faster a step than "rows_first" with its windows at 256 new
+    tokens on an H200, 22% at 1024, bench/RESULTS.md), TPUs "scan", whose fusions take the layer
+    slice into the matmul (not measured here) and where HBM for a second copy of the weights is
+    scarcer."""
+    return {"cpu": "weights_first", "tpu": "scan"}.get(jax.default_backend(), "unrolled")
 
 
 def default_decode_window(decode_layout: str) -> int:
@@ -476,11 +477,19 @@ def default_decode_window(decode_layout: str) -> int:
     return 128
 
 
-def default_decode_attention(decode_layout: str) -> str:
-    """How `decode_layout`'s steps attend by default: "xla" everywhere for now. "pallas"
-    (`models.decode_kernel`, a Triton kernel that reads only each row's live slots) serves the
-    "unrolled" layout on GPUs; it waits for `bench/gpu.sh` to time it against XLA's ops before
-    it becomes a default there."""
+def default_decode_attention(cfg: ModelConfig, decode_layout: str, draft_tokens: int = 0,
+                             backend: str | None = None) -> str:
+    """How `decode_layout`'s steps attend by default: "pallas" (`models.decode_kernel`, one
+    Triton kernel a layer that reads only each row's live slots) where it runs, the "unrolled"
+    layout on GPUs, one token a row (no drafts), a power-of-two head_dim; on an H200 it took a
+    sampled step from 2.07 to 1.89 ms (bench/RESULTS.md). "xla" (its ops, over every slot)
+    elsewhere: CPUs only interpret the kernel, TPUs have no lowering for it. `backend`: default
+    JAX's."""
+    from catjax.models import decode_kernel
+
+    if ((backend or jax.default_backend()) == "gpu" and decode_layout == "unrolled" and not draft_tokens
+            and decode_kernel.head_dim_fits(cfg.head_dim)):
+        return "pallas"
     return "xla"
 
 
@@ -527,7 +536,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     `decode_attention`: how a decode step of the "unrolled" layout attends: "xla" (its ops,
     over every slot) or "pallas" (`models.decode_kernel`: one Triton kernel a layer that reads
     only each row's live slots; GPUs, or interpreted on CPUs for tests). Default:
-    `default_decode_attention(decode_layout)`. The samples are the same up to float rounding.
+    `default_decode_attention` ("pallas" on GPUs). The samples are the same up to float rounding.
 
     `logprobs`: also return each token's log-prob under the sampling law and the plain model
     (`SampleOutput.logprobs`, `.model_logprobs`); False: None, and a cheaper step (the plain
@@ -569,7 +578,7 @@ def sample(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]], *
     if draft_tokens and temperature != 0:
         raise ValueError(f"draft_tokens={draft_tokens} needs temperature=0 (greedy), not "
                          f"{temperature}: drafts are checked against the model's argmax")
-    decode_attention = decode_attention or default_decode_attention(decode_layout)
+    decode_attention = decode_attention or default_decode_attention(cfg, decode_layout, draft_tokens)
     if decode_attention not in DECODE_ATTENTIONS:
         raise ValueError(f"decode_attention={decode_attention!r}: expected one of "
                          f"{DECODE_ATTENTIONS}")

@@ -35,10 +35,14 @@ def check(head_dim: int, backend: str | None = None) -> None:
     backend = backend or jax.default_backend()
     if backend == "tpu":
         raise ValueError("decode_attention='pallas' is a Triton kernel for GPUs; TPUs run 'xla'")
-    h = head_dim
-    if h < _MIN_DOT or h & (h - 1):
+    if not head_dim_fits(head_dim):
         raise ValueError(f"decode_attention='pallas' needs a head_dim that is a power of two "
-                         f">= {_MIN_DOT}, not {h}")
+                         f">= {_MIN_DOT}, not {head_dim}")
+
+
+def head_dim_fits(head_dim: int) -> bool:
+    """Triton's dot takes power-of-two blocks of at least 16."""
+    return head_dim >= _MIN_DOT and not head_dim & (head_dim - 1)
 
 
 def _pow2_at_least(n: int) -> int:
