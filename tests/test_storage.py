@@ -118,10 +118,12 @@ def test_push_pull_and_an_unreachable_bucket_fails_fast_in_one_line(
 
 
 def test_metric_writer_on_gs_uploads_rows_and_continues_the_buckets_rows(
-        gcs_emulator, isolated):  # noqa: F811
+        gcs_emulator, isolated, monkeypatch):  # noqa: F811
     emu, url = gcs_emulator, f"{gcs_emulator.url}/run"
+    # An interval no run of this test outlasts (a loaded CI machine took over a second once).
+    monkeypatch.setattr(metrics, "PUSH_INTERVAL_S", 3600.0)
     writer = metrics.MetricWriter(url, enabled=True)
-    for step in (1, 2, 3):  # within a second: the first row goes up at once, the others at close
+    for step in (1, 2, 3):  # within the interval: the first row goes up at once, the others at close
         writer.write(step, {"loss": float(step)})
     assert [r["step"] for r in _rows(emu, "run/metrics.jsonl")] == [1]
     writer.close()
