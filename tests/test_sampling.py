@@ -9,9 +9,18 @@ import pytest
 
 from catjax import models, sampling
 from tests.hf_fixtures import hf_greedy
+from tests.tiny_model import forward_rows
 
 PROMPTS = [[5, 17, 33], [7, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13], [250, 3, 99, 98, 12]]
 STOP = 11
+
+
+def forward_logprobs(cfg, params, prompts, gens) -> list[np.ndarray]:
+    """Each generated token's log-prob under one forward pass over prompt + completion."""
+    full = forward_rows(cfg, params, [p + g for p, g in zip(prompts, gens, strict=True)])
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(full), axis=-1))
+    return [row[np.arange(len(p) - 1, len(p) + len(g) - 1), g]
+            for row, p, g in zip(logp, prompts, gens, strict=True)]
 
 
 def test_greedy_matches_transformers_generate(hf_pair):
@@ -33,11 +42,8 @@ def test_logprobs_equal_a_full_forward_recomputation(hf_pair):
     rows = sampling.completions(out, strip_stop=False)
     mlp = np.asarray(out.model_logprobs)
     lp = np.asarray(out.logprobs)
-    for r, gen in enumerate(rows):
-        prompt = PROMPTS[r // 3]
-        seq = jnp.asarray([prompt + gen], jnp.int32)
-        logp = jax.nn.log_softmax(models.forward(cfg, params, seq)[0], axis=-1)
-        want = np.asarray(logp[len(prompt) - 1:-1][np.arange(len(gen)), gen])
+    wants = forward_logprobs(cfg, params, [PROMPTS[r // 3] for r in range(len(rows))], rows)
+    for r, (gen, want) in enumerate(zip(rows, wants, strict=True)):
         np.testing.assert_allclose(mlp[r, :len(gen)], want, atol=1e-4)
         assert np.all(mlp[r, len(gen):] == 0) and np.all(lp[r, len(gen):] == 0)
         assert np.all(lp[r, :len(gen)] <= 1e-6)  # a valid log-prob of the truncated law
@@ -58,11 +64,9 @@ def test_a_prompt_longer_than_one_prefill_block_gives_the_forward_pass_logprobs(
                           rng=jax.random.key(2), temperature=1.0, stop_ids=(), logprobs=True,
                           cache_dtype="float32")
     mlp = np.asarray(out.model_logprobs)
-    for r, gen in enumerate(sampling.completions(out)):
-        prompt = prompts[r // 2]
-        seq = jnp.asarray([prompt + gen], jnp.int32)
-        logp = jax.nn.log_softmax(models.forward(cfg, params, seq)[0], axis=-1)
-        want = np.asarray(logp[len(prompt) - 1:-1][np.arange(len(gen)), gen])
+    gens = sampling.completions(out)
+    wants = forward_logprobs(cfg, params, [prompts[r // 2] for r in range(len(gens))], gens)
+    for r, want in enumerate(wants):
         np.testing.assert_allclose(mlp[r], want, atol=1e-4)
 
 
@@ -294,10 +298,9 @@ def test_log_probs_are_optional_and_change_no_token(sp):
     assert bare.logprobs is None and bare.model_logprobs is None
     assert full.logprobs.shape == full.model_logprobs.shape == full.tokens.shape
     # The model's log-probs, against a forward pass over prompt + completion.
-    for r, gen in enumerate(sampling.completions(full, strip_stop=False)):
-        prompt = PROMPTS[r // 3]
-        logp = jax.nn.log_softmax(models.forward(cfg, params, jnp.asarray([prompt + gen]))[0], -1)
-        want = np.asarray(logp[len(prompt) - 1:-1][np.arange(len(gen)), gen])
+    gens = sampling.completions(full, strip_stop=False)
+    wants = forward_logprobs(cfg, params, [PROMPTS[r // 3] for r in range(len(gens))], gens)
+    for r, (gen, want) in enumerate(zip(gens, wants, strict=True)):
         np.testing.assert_allclose(np.asarray(full.model_logprobs)[r, :len(gen)], want, atol=1e-4)
         if t == 1.0:  # the sampling law is the model's
             np.testing.assert_allclose(np.asarray(full.logprobs)[r, :len(gen)], want, atol=1e-4)

@@ -3,13 +3,12 @@
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from catjax import models, scoring
 from tests.devices import run_on_devices
-from tests.tiny_model import noisy_params
+from tests.tiny_model import forward_rows, noisy_params
 
 
 def test_continuation_logprobs_and_last_token_logits_match_forward():
@@ -20,12 +19,12 @@ def test_continuation_logprobs_and_last_token_logits_match_forward():
     conts = [rng.integers(1, 500, n).tolist() for n in (5, 1, 12)]
     got = scoring.continuation_logprobs(cfg, params, prompts, conts, batch_size=2)
     last = scoring.last_token_logits(cfg, params, prompts, batch_size=2)
-    for p, c, lp, lg in zip(prompts, conts, got, last, strict=True):
-        logits = models.forward(cfg, params, jnp.asarray([p + c], jnp.int32))[0]
+    full = forward_rows(cfg, params, [p + c for p, c in zip(prompts, conts, strict=True)])
+    for p, c, lp, lg, logits in zip(prompts, conts, got, last, full, strict=True):
         logp = np.asarray(jax.nn.log_softmax(logits, -1))
         want = logp[np.arange(len(p) - 1, len(p) + len(c) - 1), c]
         np.testing.assert_allclose(lp, want, atol=1e-5)
-        np.testing.assert_allclose(lg, np.asarray(logits[len(p) - 1]), atol=1e-4)
+        np.testing.assert_allclose(lg, logits[len(p) - 1], atol=1e-4)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"sliding_pattern": (False, True, True)}])
@@ -49,8 +48,8 @@ def test_grouped_prompts_share_their_prefix_with_the_same_logits(overrides):
         groups += [key] * len(items)
     order = rng.permutation(len(prompts))  # groups interleaved
     prompts, groups = [prompts[i] for i in order], [groups[i] for i in order]
-    want = np.stack([np.asarray(models.forward(cfg, params, jnp.asarray([p], jnp.int32))[0, -1])
-                     for p in prompts])
+    full = forward_rows(cfg, params, prompts)
+    want = np.stack([row[len(p) - 1] for row, p in zip(full, prompts, strict=True)])
     got = scoring.last_token_logits(cfg, params, prompts, batch_size=4, groups=groups)
     np.testing.assert_allclose(got, want, atol=1e-4)
     alone = scoring.last_token_logits(cfg, params, prompts, batch_size=4)  # each its own group

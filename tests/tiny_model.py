@@ -24,6 +24,17 @@ def noisy_params(params: models.Params, rng: jax.Array) -> models.Params:
                                         for x, k in zip(leaves, keys, strict=True)])
 
 
+def forward_rows(cfg: models.ModelConfig, params: models.Params,
+                 seqs: list[list[int]]) -> np.ndarray:
+    """float32 logits [len(seqs), longest, V] of each token list, right-padded into one batch:
+    one program for rows of every length (a causal pass: the padding after a row's end changes
+    nothing before it), where a forward pass per row compiles once per length."""
+    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    return np.asarray(models.forward(cfg, params, jnp.asarray(tokens)))
+
+
 def numpy_params(cfg: models.ModelConfig, seed: int = 0) -> models.Params:
     rng = np.random.default_rng(seed)
 
