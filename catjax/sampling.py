@@ -485,12 +485,11 @@ def default_decode_attention(cfg: ModelConfig, decode_layout: str, draft_tokens:
     sampled step from 2.07 to 1.89 ms (bench/RESULTS.md). "xla" (its ops, over every slot)
     elsewhere: CPUs only interpret the kernel, TPUs have no lowering for it. `backend`: default
     JAX's."""
-    from catjax.models import decode_kernel
+    if (backend or jax.default_backend()) != "gpu" or decode_layout != "unrolled" or draft_tokens:
+        return "xla"
+    from catjax.models import decode_kernel  # Pallas: imported only where it can run
 
-    if ((backend or jax.default_backend()) == "gpu" and decode_layout == "unrolled" and not draft_tokens
-            and decode_kernel.head_dim_fits(cfg.head_dim)):
-        return "pallas"
-    return "xla"
+    return "pallas" if decode_kernel.head_dim_fits(cfg.head_dim) else "xla"
 
 
 def default_prefill_chunk() -> int:

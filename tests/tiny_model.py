@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from catjax import models
+from catjax import models, sampling
 
 
 def noisy_params(params: models.Params, rng: jax.Array) -> models.Params:
@@ -29,9 +29,7 @@ def forward_rows(cfg: models.ModelConfig, params: models.Params,
     """float32 logits [len(seqs), longest, V] of each token list, right-padded into one batch:
     one program for rows of every length (a causal pass: the padding after a row's end changes
     nothing before it), where a forward pass per row compiles once per length."""
-    tokens = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
+    tokens, _ = sampling.pad_prompts(seqs, 0, max(map(len, seqs)))
     return np.asarray(models.forward(cfg, params, jnp.asarray(tokens)))
 
 
