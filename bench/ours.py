@@ -139,19 +139,28 @@ def task_rl(m, args) -> dict:
 
 # --- 3. the cost of CaT: synthesis vs one more rollout; judge cost per rollout -----------------
 
-def task_synthesis(m, args) -> dict:
-    """Per question: one anchor synthesis over G rollouts vs one more rollout, both exactly N
-    new tokens for the 4 questions (4 rows each). Then a local judge on 5 criteria x 32 rollouts."""
-    prompts, g, n = question_ids(m), workload.NUM_SAMPLES, args.new_tokens
+def synthesis_workload(m, n: int) -> tuple[list[list[int]], list[str], list[list[int]]]:
+    """The 4 question prompts, their G rollouts' texts (T 1, exactly `n` tokens each) and the
+    anchor's synthesis prompt over each question's G rollouts."""
+    prompts, g = question_ids(m), workload.NUM_SAMPLES
     rc = cat_round.RoundConfig(num_rollouts=g, max_new_tokens=n, synthesis_max_new_tokens=n)
     out = sampling.sample(m.cfg, m.params, prompts, num_samples=g, max_new_tokens=n,
                           rng=jax.random.key(0), temperature=1.0, stop_ids=(),
                           pad_id=m.tokenizer.pad_id, logprobs=False)
     texts = [m.tokenizer.decode(ids) for ids in sampling.completions(out)]
-    groups = [texts[i * g:(i + 1) * g] for i in range(len(prompts))]
     budget = cat_round.prompt_budget(m.cfg, n)
-    syn_prompts = [cat_round.synthesis_prompt(m.tokenizer, grp, "math", rc, budget, m.cfg)[0]
-                   for grp in groups]
+    syn_prompts = [cat_round.synthesis_prompt(m.tokenizer, texts[i * g:(i + 1) * g], "math", rc,
+                                              budget, m.cfg)[0] for i in range(len(prompts))]
+    return prompts, texts, syn_prompts
+
+
+def task_synthesis(m, args) -> dict:
+    """Per question: one anchor synthesis over G rollouts vs one more rollout, both exactly N
+    new tokens for the 4 questions (4 rows each). Then a local judge on 5 criteria x 32 rollouts."""
+    g, n = workload.NUM_SAMPLES, args.new_tokens
+    rc = cat_round.RoundConfig(num_rollouts=g, max_new_tokens=n, synthesis_max_new_tokens=n)
+    prompts, texts, syn_prompts = synthesis_workload(m, n)
+    groups = [texts[i * g:(i + 1) * g] for i in range(len(prompts))]
     kw = dict(num_samples=1, max_new_tokens=n, stop_ids=(), pad_id=m.tokenizer.pad_id,
               logprobs=False)
     keys = iter(jax.random.split(jax.random.key(1), 4 * (args.repeats + 1)))

@@ -1,4 +1,5 @@
-"""The benchmark's FLOP count (bench/ours.py), on which its MFU figures rest."""
+"""The benchmarks' own arithmetic: the FLOP count behind the MFU figures (bench/ours.py), the
+collective traffic of the TPU compile checks and the CPU profile's kernel labels."""
 
 import importlib.util
 import os
@@ -7,10 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "ours.py")
-_spec = importlib.util.spec_from_file_location("bench_ours", _PATH)
-ours = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ours)
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def _bench_module(name: str):
+    """bench/<name>.py, imported (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(_BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ours = _bench_module("ours")
 
 
 def test_matmul_flops_counts_scanned_layers_gradients_and_recompute():
@@ -41,10 +50,7 @@ def test_matmul_flops_counts_batched_contractions():
 
 
 def test_fsdp_traffic_counts_each_collective_as_often_as_its_loops_run():
-    spec = importlib.util.spec_from_file_location(
-        "bench_fsdp", os.path.join(os.path.dirname(_PATH), "tpu_aot_fsdp.py"))
-    fsdp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fsdp)
+    fsdp = _bench_module("tpu_aot_fsdp")
     hlo = """
 %inner_cond (t: (s32[], f32[8])) -> pred[] {
   %c = s32[]{:T(128)} constant(36)
@@ -73,3 +79,32 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert once == 151936 * 2560 * 2
     assert looped == 511 * 36 * 2 * 32 * 9728 * 2
     assert by_shape[("all-gather", "bf16[151936,2560]")] == once
+
+
+def test_cpu_profile_names_each_kernel_by_the_einsums_it_runs():
+    prof = _bench_module("cpu_profile")
+    # As in the sampler's prefill: a query projection and its norm in one kernel, which XLA names
+    # after the norm's reduction; a kernel without a dot; a while loop.
+    hlo = """
+%fused_computation.79 (param_0: f32[512,256], param_1: f32[256,256]) -> f32[4,128,8,32] {
+  %dot.324 = f32[512,256]{1,0} dot(%param_0, %param_1), metadata={op_name="s/btd,dnh->btnh/dot_general"}
+  ROOT %reduce_sum.481 = f32[4,128,8]{2,1,0} reduce(%dot.324, %c), metadata={op_name="s/reduce_sum"}
+}
+
+ENTRY %main.2 (x.1: f32[512,256], w.1: f32[256,256]) -> f32[4,128,8,32] {
+  %ynn_fusion.79 = f32[4,128,8,32] fusion(%x, %w), calls=%fused_computation.79, metadata={op_name="s/sum"}
+  %slice_fusion = f32[4,64]{1,0} fusion(%ynn_fusion.79), calls=%sliced, metadata={op_name="s/slice"}
+  %while.19 = (s32[], f32[8]) while(%t), condition=%cond, body=%body
+}
+"""
+    labels = prof.parse_hlo(hlo)
+    assert labels["ynn_fusion.79"] == "btd,dnh->btnh f32[512,256]"
+    assert labels["slice_fusion"] == "s/slice (fusion)"
+    assert "while.19" not in labels  # reported under its own name
+
+    def f(x, w):  # the same from XLA:CPU itself
+        y = jnp.einsum("td,df->tf", x, w)
+        return y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6)
+
+    compiled = jax.jit(f).lower(jnp.ones((64, 32)), jnp.ones((32, 48))).compile().as_text()
+    assert "td,df->tf f32[64,48]" in prof.parse_hlo(compiled).values()
