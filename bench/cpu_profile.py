@@ -40,11 +40,14 @@ from catjax import sampling  # noqa: E402
 
 CALLS = ("synthesis", "synthesis_prefill", "rollout", "rollout_prefill")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(")
+# A loop or branch returns a tuple (spaces in its shape); its own events are the control alone.
+_CONTROL = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \(.*\) (while|conditional|call)\(")
 
 
 def parse_hlo(text: str) -> dict[str, str]:
     """Instruction name -> label: the dots a fusion computes ("spec shape", joined by " + "),
-    else its root's source op (the last two parts of its op_name) and opcode."""
+    else its root's source op (the last two parts of its op_name) and opcode; loops and
+    branches "while (control)"."""
     comps: dict[str, list[str]] = {}
     name = None
     for line in text.splitlines():
@@ -83,6 +86,8 @@ def parse_hlo(text: str) -> dict[str, str]:
         for line in lines:
             m = _INSTR.match(line)
             if not m:
+                if control := _CONTROL.match(line):
+                    labels[control.group(1)] = f"{control.group(2)} (control)"
                 continue
             callee = re.search(r"calls=%([\w.\-]+)", line)
             found = dots(callee.group(1), set()) if callee and m.group(3) == "fusion" else []
@@ -153,10 +158,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     dump = dump_programs()
-    m = ours.load(args.model)
-    per_kernel, wall_ms, hlo = profile(build_calls(m, args.new_tokens)[args.call], args.repeats,
-                                       dump)
-    shutil.rmtree(dump, ignore_errors=True)
+    try:
+        m = ours.load(args.model)
+        per_kernel, wall_ms, hlo = profile(build_calls(m, args.new_tokens)[args.call],
+                                           args.repeats, dump)
+    except (OSError, ValueError) as e:  # a missing or unreadable model: one line
+        raise SystemExit(f"cpu_profile: --model {args.model}: {e}") from None
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
     labels = parse_hlo(hlo)
     by_label: dict[str, float] = collections.Counter()
     for kernel, ms in per_kernel.items():
@@ -170,8 +179,8 @@ def main() -> None:
                       "top": [(k, round(v, 3)) for k, v in by_label.most_common(args.top)],
                       "model": os.path.basename(args.model.rstrip("/")),
                       "new_tokens": args.new_tokens, "jax": jax.__version__,
-                      "share_unattributed": float(np.round(sum(
-                          v for k, v in by_label.items() if "(" in k) / total, 3))}))
+                      "share_without_dots": float(np.round(sum(
+                          v for k, v in by_label.items() if k.endswith(")")) / total, 3))}))
 
 
 if __name__ == "__main__":
